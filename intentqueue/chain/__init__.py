@@ -1,0 +1,1 @@
+"""Chains: client, wallets, nonce allocation and our contracts."""

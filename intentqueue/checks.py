@@ -1,0 +1,50 @@
+"""System checks: configuration problems are reported at start-up with a clear message."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
+
+from intentqueue import conf
+
+JSON_SERIALIZERS = {"rq.serializers.JSONSerializer", "JSONSerializer"}
+
+
+@checks.register(checks.Tags.compatibility)
+def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """``INTENTQUEUE`` must be well formed and match django-rq's ``RQ_QUEUES``."""
+    try:
+        loaded = conf.load(getattr(settings, "INTENTQUEUE", None))
+    except ImproperlyConfigured as error:
+        return [checks.Error(str(error), id="intentqueue.E001")]
+    errors: list[checks.CheckMessage] = []
+    rq_queues = getattr(settings, "RQ_QUEUES", {}) or {}
+    for name in loaded.queue_names:
+        queue = rq_queues.get(name)
+        if queue is None:
+            errors.append(
+                checks.Error(
+                    f"RQ_QUEUES has no queue {name!r}",
+                    hint="Build RQ_QUEUES with intentqueue.conf.rq_queues(INTENTQUEUE, ...).",
+                    id="intentqueue.E002",
+                )
+            )
+        elif _serializer_name(queue.get("SERIALIZER")) not in JSON_SERIALIZERS:
+            errors.append(
+                checks.Error(
+                    f"RQ_QUEUES[{name!r}] must use rq.serializers.JSONSerializer "
+                    f"(got {queue.get('SERIALIZER')!r}): pickle lets anyone who can write "
+                    "to Redis run code in the workers.",
+                    id="intentqueue.E003",
+                )
+            )
+    return errors
+
+
+def _serializer_name(value: Any) -> str:
+    if value is None or isinstance(value, str):
+        return value or ""
+    return f"{value.__module__}.{value.__qualname__}"

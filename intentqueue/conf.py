@@ -1,0 +1,355 @@
+"""The ``INTENTQUEUE`` settings namespace.
+
+One dict in the project's settings, merged over ``DEFAULTS`` (the queue module's default
+configuration) key by key. Unknown keys and ill-typed values are errors that name the
+offending path, reported by the system check ``intentqueue.E001`` at start-up.
+
+Access goes through ``intentqueue_settings`` (attribute access, typed)::
+
+    from intentqueue.conf import intentqueue_settings
+    intentqueue_settings.queues["fulfillment"].default_job_options.attempts
+
+It is rebuilt whenever ``settings.INTENTQUEUE`` changes (``override_settings`` in tests).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import setting_changed
+
+QUEUE_KEYS = ("fulfillment", "execution")
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    """Where Redis is. ``url`` (from ``REDIS_URL``) wins over host/port/password/db."""
+
+    #: A ``redis://`` or ``rediss://`` (TLS) URL with optional password and db.
+    url: str | None = None
+    #: Host, used when ``url`` is empty.
+    host: str = "localhost"
+    #: TCP port, used when ``url`` is empty.
+    port: int = 6379
+    #: Password (AUTH), used when ``url`` is empty.
+    password: str | None = None
+    #: Database index, used when ``url`` is empty.
+    db: int = 0
+    #: How often a command is retried on a connection error before it fails.
+    max_retries_per_request: int = 3
+
+
+@dataclass(frozen=True)
+class BackoffConfig:
+    """Delay between attempts: ``delay * 2**(n-1)`` (exponential) or ``delay`` (fixed)."""
+
+    #: ``exponential`` or ``fixed``.
+    type: Literal["exponential", "fixed"] = "exponential"
+    #: Base delay in milliseconds.
+    delay: int = 2000
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """Options every job of a queue gets unless the job overrides them."""
+
+    #: Total runs of a job, the first included (3 = 1 run + 2 retries).
+    attempts: int = 3
+    #: Delay before each retry.
+    backoff: BackoffConfig = field(default_factory=BackoffConfig)
+    #: Completed jobs kept per queue (True: all, False: none, N: the last N).
+    remove_on_complete: bool | int = 100
+    #: Failed jobs kept in the dead-letter queue (True: all, False: none, N: the last N).
+    remove_on_fail: bool | int = 500
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """One queue: its RQ name, how many workers serve it, and its job defaults."""
+
+    #: The RQ queue name (also the key in django-rq's ``RQ_QUEUES``).
+    name: str
+    #: Worker processes that serve this queue on one host (the standalone command and
+    #: ``rqworker-pool`` start this many).
+    concurrency: int
+    #: Defaults for the queue's jobs.
+    default_job_options: JobOptions
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Worker behaviour shared by both queues."""
+
+    #: How many times a job may stall (its worker died) before it fails as stalled.
+    max_stalled_count: int = 3
+    #: Milliseconds between checks for stalled jobs.
+    stalled_interval: int = 30000
+    #: Milliseconds a worker's hold on its job lasts without being renewed.
+    lock_duration: int = 30000
+
+
+@dataclass(frozen=True)
+class IntentQueueSettings:
+    """The whole ``INTENTQUEUE`` namespace."""
+
+    #: Connection to Redis.
+    redis: RedisConfig
+    #: The two queues, keyed ``fulfillment`` and ``execution``.
+    queues: dict[str, QueueConfig]
+    #: Worker behaviour.
+    worker: WorkerConfig
+    #: Strategies by name: ``{"class": dotted path, "enabled": bool, "options": {...}}``;
+    #: each strategy class validates its own options.
+    strategies: dict[str, Any] = field(default_factory=dict)
+    #: Chains by chain id (a string): ``{"rpc_url": ..., "portal": ..., ...}``, read by
+    #: ``intentqueue.chain``.
+    chains: dict[str, Any] = field(default_factory=dict)
+    #: Strategy used when an intent names none.
+    default_strategy: str = "standard"
+
+    def queue(self, key: str) -> QueueConfig:
+        """The queue configured under ``key`` (``fulfillment`` or ``execution``)."""
+        return self.queues[key]
+
+    def queue_by_name(self, name: str) -> QueueConfig:
+        """The queue whose RQ name is ``name``; ``UnknownQueueError`` if there is none."""
+        from intentqueue.exceptions import UnknownQueueError
+
+        for queue in self.queues.values():
+            if queue.name == name:
+                return queue
+        known = ", ".join(q.name for q in self.queues.values())
+        raise UnknownQueueError(f"unknown queue {name!r}; the queues are: {known}")
+
+    @property
+    def queue_names(self) -> list[str]:
+        """RQ names of all queues, fulfillment first."""
+        return [self.queues[key].name for key in QUEUE_KEYS]
+
+
+#: The queue module's default configuration, in the shape ``INTENTQUEUE`` takes.
+DEFAULTS: dict[str, Any] = {
+    "redis": {
+        "url": None,
+        "host": "localhost",
+        "port": 6379,
+        "password": None,
+        "db": 0,
+        "max_retries_per_request": 3,
+    },
+    "queues": {
+        "fulfillment": {
+            "name": "intent-fulfillment",
+            "concurrency": 10,
+            "default_job_options": {
+                "attempts": 3,
+                "backoff": {"type": "exponential", "delay": 2000},
+                "remove_on_complete": 100,
+                "remove_on_fail": 500,
+            },
+        },
+        "execution": {
+            "name": "blockchain-execution",
+            "concurrency": 5,
+            "default_job_options": {
+                "attempts": 3,
+                "backoff": {"type": "exponential", "delay": 5000},
+                "remove_on_complete": 100,
+                "remove_on_fail": 1000,
+            },
+        },
+    },
+    "worker": {
+        "max_stalled_count": 3,
+        "stalled_interval": 30000,
+        "lock_duration": 30000,
+    },
+    "strategies": {
+        "standard": {
+            "class": "intentqueue.strategies.standard.StandardStrategy",
+            "enabled": True,
+            "options": {},
+        },
+    },
+    "chains": {},
+    "default_strategy": "standard",
+}
+
+#: Settings whose keys are names chosen by the user (merged shallowly, any key allowed).
+OPEN_MAPS = {"INTENTQUEUE.strategies", "INTENTQUEUE.chains"}
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any], path: str) -> dict[str, Any]:
+    """``override`` laid over ``base``, recursively; keys not in ``base`` are errors."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        where = f"{path}.{key}"
+        if path in OPEN_MAPS:
+            merged[key] = value
+            continue
+        if key not in base:
+            allowed = ", ".join(sorted(base))
+            raise ImproperlyConfigured(f"{where}: unknown setting (allowed here: {allowed})")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise ImproperlyConfigured(f"{where}: expected a dict, got {value!r}")
+            merged[key] = _merge(base[key], value, where)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _check_type(value: Any, annotation: Any, where: str) -> None:
+    origin = get_origin(annotation)
+    if origin is Literal:
+        if value not in get_args(annotation):
+            choices = ", ".join(repr(a) for a in get_args(annotation))
+            raise ImproperlyConfigured(f"{where}: must be one of {choices}, got {value!r}")
+        return
+    allowed = get_args(annotation) if origin in (types.UnionType, typing.Union) else (annotation,)
+    for option in allowed:
+        if option is type(None) and value is None:
+            return
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return
+        if option in (str, bool) and type(value) is option:
+            return
+    names = " or ".join(getattr(a, "__name__", str(a)) for a in allowed)
+    raise ImproperlyConfigured(f"{where}: expected {names}, got {value!r}")
+
+
+def _build[T](cls: type[T], data: dict[str, Any], path: str) -> T:
+    hints = get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        value, where, hint = data[f.name], f"{path}.{f.name}", hints[f.name]
+        if f.name in ("strategies", "chains"):
+            if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+                raise ImproperlyConfigured(f"{where}: expected a dict of dicts, got {value!r}")
+            kwargs[f.name] = value
+        elif dataclasses.is_dataclass(hint):
+            kwargs[f.name] = _build(hint, value, where)  # type: ignore[arg-type]
+        elif f.name == "queues":
+            kwargs[f.name] = {k: _build(QueueConfig, v, f"{where}.{k}") for k, v in value.items()}
+        else:
+            _check_type(value, hint, where)
+            kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def _queue_problems(conf: IntentQueueSettings) -> list[str]:
+    problems: list[str] = []
+    for key, queue in conf.queues.items():
+        where = f"INTENTQUEUE.queues.{key}"
+        options = queue.default_job_options
+        if not queue.name or not queue.name.replace("-", "").replace("_", "").isalnum():
+            problems.append(f"{where}.name: letters, digits, '-' and '_' only, got {queue.name!r}")
+        if queue.concurrency < 1:
+            problems.append(f"{where}.concurrency: must be at least 1")
+        if options.attempts < 1:
+            problems.append(f"{where}.default_job_options.attempts: must be at least 1")
+        if options.backoff.delay < 0:
+            problems.append(f"{where}.default_job_options.backoff.delay: must not be negative")
+        for keep in ("remove_on_complete", "remove_on_fail"):
+            value = getattr(options, keep)
+            if not isinstance(value, bool) and value < 0:
+                problems.append(f"{where}.default_job_options.{keep}: must not be negative")
+    if len(set(conf.queue_names)) != len(conf.queue_names):
+        problems.append("INTENTQUEUE.queues: the queues must have different names")
+    return problems
+
+
+def _validate(conf: IntentQueueSettings) -> None:
+    """Checks of values (types are checked while building)."""
+    problems = _queue_problems(conf)
+    worker = conf.worker
+    if worker.max_stalled_count < 0:
+        problems.append("INTENTQUEUE.worker.max_stalled_count: must not be negative")
+    for key in ("stalled_interval", "lock_duration"):
+        if getattr(worker, key) < 1000:
+            problems.append(f"INTENTQUEUE.worker.{key}: must be at least 1000 (milliseconds)")
+    if conf.redis.port < 1 or conf.redis.port > 65535:
+        problems.append("INTENTQUEUE.redis.port: must be between 1 and 65535")
+    if conf.redis.max_retries_per_request < 0:
+        problems.append("INTENTQUEUE.redis.max_retries_per_request: must not be negative")
+    enabled = {name for name, spec in conf.strategies.items() if spec.get("enabled", True)}
+    if conf.default_strategy not in enabled:
+        problems.append(
+            f"INTENTQUEUE.default_strategy: {conf.default_strategy!r} is not an enabled strategy"
+        )
+    for name, spec in conf.strategies.items():
+        if not isinstance(spec.get("class"), str):
+            problems.append(f"INTENTQUEUE.strategies.{name}.class: a dotted path is required")
+    if problems:
+        raise ImproperlyConfigured("; ".join(problems))
+
+
+def load(user_settings: Any) -> IntentQueueSettings:
+    """Build and validate settings from the project's ``INTENTQUEUE`` value."""
+    if user_settings is None:
+        user_settings = {}
+    if not isinstance(user_settings, dict):
+        raise ImproperlyConfigured(f"INTENTQUEUE: expected a dict, got {user_settings!r}")
+    merged = _merge(DEFAULTS, user_settings, "INTENTQUEUE")
+    unknown_queues = set(merged["queues"]) - set(QUEUE_KEYS)
+    if unknown_queues:
+        raise ImproperlyConfigured(f"INTENTQUEUE.queues: unknown queue keys {unknown_queues}")
+    conf = _build(IntentQueueSettings, merged, "INTENTQUEUE")
+    _validate(conf)
+    return conf
+
+
+class _LazySettings:
+    """Attribute access to the current ``IntentQueueSettings``, built on first use."""
+
+    _cached: IntentQueueSettings | None = None
+
+    def _get(self) -> IntentQueueSettings:
+        if self._cached is None:
+            self._cached = load(getattr(settings, "INTENTQUEUE", None))
+        return self._cached
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._get(), name)
+
+    def reload(self) -> None:
+        """Forget the cached settings; the next access rebuilds them."""
+        self._cached = None
+
+
+intentqueue_settings: IntentQueueSettings = typing.cast(IntentQueueSettings, _LazySettings())
+
+
+def _reload(*, setting: str, **kwargs: Any) -> None:
+    if setting == "INTENTQUEUE":
+        typing.cast(_LazySettings, intentqueue_settings).reload()
+
+
+setting_changed.connect(_reload)
+
+
+def rq_queues(
+    user_settings: dict[str, Any] | None, connection: dict[str, Any], *, default_timeout: int = 360
+) -> dict[str, dict[str, Any]]:
+    """django-rq's ``RQ_QUEUES`` for every queue of ``INTENTQUEUE``, JSON-serialised.
+
+    ``connection`` holds django-rq connection keys (``URL``, or ``HOST``/``PORT``/...,
+    ``SENTINELS``, ``SSL``...). Call it from the project's settings so the two settings
+    cannot disagree.
+    """
+    loaded = load(user_settings)
+    return {
+        name: {
+            **connection,
+            "SERIALIZER": "rq.serializers.JSONSerializer",
+            "DEFAULT_TIMEOUT": default_timeout,
+        }
+        for name in loaded.queue_names
+    }

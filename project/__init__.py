@@ -1,0 +1,1 @@
+"""The runnable deployment of intentqueue: settings, URLs, WSGI/ASGI."""

@@ -1,0 +1,23 @@
+"""Settings for the test suite: the deployment's settings with test-friendly defaults.
+
+Tests use ``REDIS_URL`` when set, else a Redis on 127.0.0.1:6379 if one answers, else an
+embedded Valkey; each test gets its own flushed database index (see tests/conftest.py).
+"""
+
+import os
+
+from intentqueue.embedded_redis import redis_reachable
+
+os.environ.setdefault("SECRET_KEY", "test-only-secret-key")
+if not os.environ.get("REDIS_URL") and redis_reachable("redis://127.0.0.1:6379"):
+    os.environ["REDIS_URL"] = "redis://127.0.0.1:6379/0"
+
+from project.settings import *  # noqa: F403
+from project.settings import REDIS_URL
+
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+TEST_REDIS_URL = REDIS_URL
+
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":  # noqa: F405
+    # A file, not memory: worker processes started by tests must see the same database.
+    DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test.sqlite3")}  # noqa: F405
