@@ -64,10 +64,31 @@ class JobOptions:
     attempts: int = 3
     #: Delay before each retry.
     backoff: BackoffConfig = field(default_factory=BackoffConfig)
-    #: Completed jobs kept per queue (True: all, False: none, N: the last N).
+    #: Completed jobs kept per queue, as BullMQ reads it: True removes each job when it
+    #: completes, False keeps all, N keeps the last N.
     remove_on_complete: bool | int = 100
-    #: Failed jobs kept in the dead-letter queue (True: all, False: none, N: the last N).
+    #: Failed jobs kept in the dead-letter queue: True removes them, False keeps all, N keeps
+    #: the last N.
     remove_on_fail: bool | int = 500
+
+    @staticmethod
+    def keep_count(value: bool | int) -> int | None:
+        """How many jobs a ``remove_on_*`` value keeps (None: all)."""
+        if value is True:
+            return 0
+        if value is False:
+            return None
+        return int(value)
+
+
+@dataclass(frozen=True)
+class LimiterConfig:
+    """At most ``max`` events per ``duration`` milliseconds; ``max`` 0 turns it off."""
+
+    #: Events allowed per window (0: no limit).
+    max: int = 0
+    #: Window length in milliseconds.
+    duration: int = 1000
 
 
 @dataclass(frozen=True)
@@ -81,6 +102,8 @@ class QueueConfig:
     concurrency: int
     #: Defaults for the queue's jobs.
     default_job_options: JobOptions
+    #: Job starts allowed per window, across all workers of the queue (off by default).
+    limiter: LimiterConfig = field(default_factory=LimiterConfig)
 
 
 @dataclass(frozen=True)
@@ -105,6 +128,9 @@ class IntentQueueSettings:
     queues: dict[str, QueueConfig]
     #: Worker behaviour.
     worker: WorkerConfig
+    #: Fulfillment jobs one ``metadata.source`` (client) may enqueue per window; more are
+    #: rejected with ``EnqueueRateLimitedError`` (off by default).
+    enqueue_limit: LimiterConfig = field(default_factory=LimiterConfig)
     #: Strategies by name: ``{"class": dotted path, "enabled": bool, "options": {...}}``;
     #: each strategy class validates its own options.
     strategies: dict[str, Any] = field(default_factory=dict)
@@ -154,6 +180,7 @@ DEFAULTS: dict[str, Any] = {
                 "remove_on_complete": 100,
                 "remove_on_fail": 500,
             },
+            "limiter": {"max": 0, "duration": 1000},
         },
         "execution": {
             "name": "blockchain-execution",
@@ -164,6 +191,7 @@ DEFAULTS: dict[str, Any] = {
                 "remove_on_complete": 100,
                 "remove_on_fail": 1000,
             },
+            "limiter": {"max": 0, "duration": 1000},
         },
     },
     "worker": {
@@ -171,6 +199,7 @@ DEFAULTS: dict[str, Any] = {
         "stalled_interval": 30000,
         "lock_duration": 30000,
     },
+    "enqueue_limit": {"max": 0, "duration": 60000},
     "strategies": {
         "standard": {
             "class": "intentqueue.strategies.standard.StandardStrategy",
@@ -263,6 +292,10 @@ def _queue_problems(conf: IntentQueueSettings) -> list[str]:
                 problems.append(f"{where}.default_job_options.{keep}: must not be negative")
     if len(set(conf.queue_names)) != len(conf.queue_names):
         problems.append("INTENTQUEUE.queues: the queues must have different names")
+    limiters = {f"queues.{k}.limiter": q.limiter for k, q in conf.queues.items()}
+    for where, limiter in {**limiters, "enqueue_limit": conf.enqueue_limit}.items():
+        if limiter.max < 0 or limiter.duration < 1:
+            problems.append(f"INTENTQUEUE.{where}: max >= 0 and duration >= 1 (ms) required")
     return problems
 
 
@@ -344,6 +377,8 @@ def rq_queues(
     ``SENTINELS``, ``SSL``...). Call it from the project's settings so the two settings
     cannot disagree.
     """
+    from intentqueue.queues import all_rq_queue_names
+
     loaded = load(user_settings)
     return {
         name: {
@@ -351,5 +386,5 @@ def rq_queues(
             "SERIALIZER": "rq.serializers.JSONSerializer",
             "DEFAULT_TIMEOUT": default_timeout,
         }
-        for name in loaded.queue_names
+        for name in all_rq_queue_names(loaded.queue_names)
     }

@@ -273,7 +273,7 @@ def parse_intent_payload(payload: Any) -> IntentPayload:
     texts = {key: p.text(top.get(key), key, size) for key, size in _TEXT_FIELDS.items()}
     priority = None
     if top.get("priority") is not None:
-        priority = p.uint(top["priority"], "priority", 1000, minimum=1)
+        priority = p.uint(top["priority"], "priority", 10, minimum=1)
     given_hash = p.bytes32(top["intentHash"], "intentHash") if "intentHash" in top else None
     if p.errors:
         raise InvalidPayloadError(p.errors)

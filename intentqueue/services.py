@@ -2,28 +2,399 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from django.db import IntegrityError, transaction
+from redis import Redis
+from redis.exceptions import RedisError, WatchError
+from rq import Callback
+from rq.job import Job, JobStatus
+from rq.registry import (
+    FailedJobRegistry,
+    FinishedJobRegistry,
+    ScheduledJobRegistry,
+    StartedJobRegistry,
+)
+from rq.serializers import JSONSerializer
 
-from intentqueue.models import Intent
+from intentqueue import jobs
+from intentqueue.conf import intentqueue_settings
+from intentqueue.exceptions import (
+    BadJobDataError,
+    EnqueueRateLimitedError,
+    IllegalTransitionError,
+    IntentQueueError,
+)
+from intentqueue.models import Intent, timestamp_ms
 from intentqueue.payloads import parse_intent_payload
+from intentqueue.processors.base import JobData
+from intentqueue.queues import (
+    KEY_PREFIX,
+    NORMAL_PRIORITY,
+    PAUSED_KEY,
+    PRIORITIES,
+    Stage,
+    band_name,
+    get_connection,
+    job_id_for,
+    rq_queue,
+    stage,
+    stages,
+)
+from intentqueue.status import IntentStatus
+
+logger = logging.getLogger(__name__)
+
+#: Job statuses that count as "this intent has a job in this stage".
+LIVE_STATUSES = frozenset(
+    {JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.STARTED, JobStatus.DEFERRED}
+)
+#: How long a finished job's hash lives at most; the count limit usually removes it sooner.
+FINISHED_TTL = 7 * 24 * 3600
+#: How long a failed job stays in the dead-letter queue at most.
+FAILED_TTL = 365 * 24 * 3600
+#: Seconds a job may run before RQ stops it.
+JOB_TIMEOUT = 300
+LAST_PROCESSED_KEY = f"{KEY_PREFIX}:last-processed:{{}}"
 
 
 def submit_intent(payload: Any) -> Intent:
     """Create an intent from a payload in the original solver's JSON shape.
 
     ``payload`` is a dict or JSON text. Bad input raises ``InvalidPayloadError`` naming
-    each bad field and creates nothing. Submitting an intent that exists already (same
-    hash) returns the stored one unchanged.
+    each bad field and creates nothing; a client over its enqueue limit gets
+    ``EnqueueRateLimitedError``. Submitting an intent that exists already (same hash)
+    returns the stored one unchanged. The fulfillment job is queued when the
+    transaction that saved the intent commits.
     """
     parsed = parse_intent_payload(payload)
     existing = Intent.objects.filter(hash=parsed.hash).first()
     if existing is not None:
         return existing
+    QueueService().check_enqueue_limit(parsed.source)
     try:
         with transaction.atomic():
             return Intent.objects.create(**parsed.model_fields())
     except IntegrityError:
         # Another process stored the same intent between our read and our insert.
         return Intent.objects.get(hash=parsed.hash)
+
+
+@dataclass(frozen=True)
+class EnqueueResult:
+    """What adding an intent to a queue did."""
+
+    job_id: str
+    queue: str
+    created: bool
+
+
+@dataclass(frozen=True)
+class FailedJobsOutcome:
+    """What a dead-letter operation did."""
+
+    count: int
+    skipped: int = 0
+
+
+class QueueService:
+    """All queue operations: enqueue, metrics, health, pause/resume, dead-letter queue."""
+
+    def __init__(self, connection: Redis | None = None) -> None:
+        self.connection = connection or get_connection()
+
+    # --- enqueue ------------------------------------------------------------------------
+
+    def add_intent_to_fulfillment_queue(
+        self,
+        intent: Intent,
+        strategy: str | None = None,
+        *,
+        priority: int | None = None,
+        metadata: dict[str, Any] | None = None,
+        attempts: int | None = None,
+        backoff_ms: list[int] | None = None,
+        enforce_limit: bool = True,
+    ) -> EnqueueResult:
+        """Queue ``intent`` for validation (a FulfillmentJob).
+
+        At most one live job per intent: if one is waiting, delayed or running, its id is
+        returned and nothing is added. ``attempts``/``backoff_ms`` override the queue's
+        retry defaults for this job.
+        """
+        meta = {
+            "source": intent.source,
+            "timestamp": timestamp_ms(),
+            "correlationId": intent.correlation_id,
+            **(metadata or {}),
+        }
+        if enforce_limit:
+            self.check_enqueue_limit(str(meta.get("source") or ""))
+        data = JobData(intent.pk, intent.hash, strategy or intent.strategy, None, meta)
+        return self._enqueue(
+            stage("fulfillment"), intent, data,
+            priority=priority or intent.priority, attempts=attempts, backoff_ms=backoff_ms,
+        )  # fmt: skip
+
+    def add_intent_to_execution_queue(
+        self,
+        intent: Intent,
+        strategy: str | None = None,
+        *,
+        wallet_type: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        attempts: int | None = None,
+        backoff_ms: list[int] | None = None,
+    ) -> EnqueueResult:
+        """Queue a validated ``intent`` for execution (an ExecutionJob)."""
+        meta = {
+            "validatedAt": timestamp_ms(),
+            "correlationId": intent.correlation_id,
+            **(metadata or {}),
+        }
+        data = JobData(intent.pk, intent.hash, strategy or intent.strategy, wallet_type, meta)
+        return self._enqueue(
+            stage("execution"), intent, data,
+            priority=intent.priority, attempts=attempts, backoff_ms=backoff_ms,
+        )  # fmt: skip
+
+    def _enqueue(
+        self,
+        target: Stage,
+        intent: Intent,
+        data: JobData,
+        *,
+        priority: int,
+        attempts: int | None,
+        backoff_ms: list[int] | None,
+    ) -> EnqueueResult:
+        if priority not in PRIORITIES:
+            raise IntentQueueError(f"priority must be 1 (highest) to 10 (normal), got {priority}")
+        queue = rq_queue(band_name(target.name, priority), self.connection)
+        job_id = job_id_for(target.key, intent.hash)
+        job_key = Job.key_for(job_id)
+        retry = target.retry(attempts, backoff_ms)
+        max_attempts = attempts or target.options.attempts
+        keep = target.options
+        func = jobs.FULFILLMENT_FUNC if target.key == "fulfillment" else jobs.EXECUTION_FUNC
+        with self.connection.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(job_key)
+                    status, origin = (_text(v) for v in pipe.hmget(job_key, ["status", "origin"]))
+                    if status in LIVE_STATUSES:
+                        pipe.reset()
+                        return EnqueueResult(job_id, origin or "", created=False)
+                    job = queue.create_job(
+                        func,
+                        args=(data.to_json(),),
+                        job_id=job_id,
+                        retry=retry,
+                        on_failure=Callback(jobs.on_job_failure),
+                        timeout=JOB_TIMEOUT,
+                        result_ttl=0
+                        if keep.keep_count(keep.remove_on_complete) == 0
+                        else FINISHED_TTL,
+                        failure_ttl=FAILED_TTL,
+                        meta={"max_attempts": max_attempts, "priority": priority},
+                    )
+                    pipe.multi()
+                    if origin is not None:
+                        _forget_old_run(pipe, job_id, origin)
+                    queue.enqueue_job(job, pipeline=pipe)
+                    pipe.execute()
+                    return EnqueueResult(job_id, queue.name, created=True)
+                except WatchError:
+                    continue
+
+    def check_enqueue_limit(self, source: str) -> None:
+        """Count one enqueue for ``source``; ``EnqueueRateLimitedError`` over the limit."""
+        limit = intentqueue_settings.enqueue_limit
+        if not limit.max:
+            return
+        window = int(time.time() * 1000) // limit.duration
+        key = f"{KEY_PREFIX}:enqueue-limit:{source or '-'}:{window}"
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.incr(key)
+            pipe.pexpire(key, limit.duration * 2)
+            count, _ = pipe.execute()
+        if int(count) > limit.max:
+            raise EnqueueRateLimitedError(source or "-", limit.max, limit.duration / 1000)
+
+    # --- metrics and health -------------------------------------------------------------
+
+    def get_queue_metrics(self, queue_name: str) -> dict[str, Any]:
+        """Counts of one queue (all its priorities): waiting, active, completed, failed,
+        delayed, and whether it is paused."""
+        target = stage(queue_name)
+        with self.connection.pipeline(transaction=False) as pipe:
+            for name in target.rq_names:
+                pipe.llen(f"rq:queue:{name}")
+                pipe.zcard(f"rq:wip:{name}")
+                pipe.zcard(f"rq:finished:{name}")
+                pipe.zcard(f"rq:failed:{name}")
+                pipe.zcard(f"rq:scheduled:{name}")
+            pipe.sismember(PAUSED_KEY, target.name)
+            pipe.get(LAST_PROCESSED_KEY.format(target.name))
+            *counts, paused, last = pipe.execute()
+        totals = [sum(counts[i::5]) for i in range(5)]
+        return {
+            "queue": target.name,
+            "waiting": totals[0],
+            "active": totals[1],
+            "completed": totals[2],
+            "failed": totals[3],
+            "delayed": totals[4],
+            "paused": bool(paused),
+            "last_processed_at": _from_timestamp(last),
+        }
+
+    def get_queue_health(self) -> dict[str, Any]:
+        """The spec's QueueHealth: ``is_healthy``, ``metrics`` (summed over the queues),
+        ``redis_status`` and ``last_processed_at``; ``queues`` holds each queue's metrics.
+
+        Healthy means Redis answers and no queue is paused.
+        """
+        try:
+            self.connection.ping()
+            per_queue = {s.name: self.get_queue_metrics(s.name) for s in stages()}
+        except RedisError as error:
+            logger.warning("Redis is not reachable: %s", error)
+            return {
+                "is_healthy": False, "metrics": {}, "queues": {},
+                "redis_status": "disconnected", "last_processed_at": None,
+            }  # fmt: skip
+        keys = ("waiting", "active", "completed", "failed", "delayed")
+        processed = [m["last_processed_at"] for m in per_queue.values() if m["last_processed_at"]]
+        return {
+            "is_healthy": not any(m["paused"] for m in per_queue.values()),
+            "metrics": {k: sum(m[k] for m in per_queue.values()) for k in keys},
+            "queues": per_queue,
+            "redis_status": "connected",
+            "last_processed_at": max(processed) if processed else None,
+        }
+
+    # --- control ------------------------------------------------------------------------
+
+    def pause_queue(self, queue_name: str) -> None:
+        """Stop starting jobs of the queue (all priorities); its jobs stay where they are."""
+        self.connection.sadd(PAUSED_KEY, stage(queue_name).name)
+
+    def resume_queue(self, queue_name: str) -> None:
+        """Start jobs of the queue again, in priority order."""
+        self.connection.srem(PAUSED_KEY, stage(queue_name).name)
+
+    def is_paused(self, queue_name: str) -> bool:
+        """Whether the queue is paused."""
+        return bool(self.connection.sismember(PAUSED_KEY, stage(queue_name).name))
+
+    # --- dead-letter queue --------------------------------------------------------------
+
+    def failed_job_ids(self, queue_name: str) -> Iterator[tuple[str, str]]:
+        """(RQ queue name, job id) of every job in the queue's dead-letter queue."""
+        for name in stage(queue_name).rq_names:
+            registry = FailedJobRegistry(name, connection=self.connection)
+            for job_id in registry.get_job_ids(cleanup=False):
+                yield name, job_id
+
+    def clear_failed_jobs(self, queue_name: str) -> FailedJobsOutcome:
+        """Delete every job of the queue's dead-letter queue. Intents stay (or become) FAILED."""
+        count = 0
+        for rq_name, job_id in list(self.failed_job_ids(queue_name)):
+            count += self.delete_failed_job(queue_name, job_id, rq_name=rq_name)
+        return FailedJobsOutcome(count)
+
+    def retry_failed_jobs(self, queue_name: str) -> FailedJobsOutcome:
+        """Re-run every job of the queue's dead-letter queue with its attempts reset."""
+        retried = skipped = 0
+        for rq_name, job_id in list(self.failed_job_ids(queue_name)):
+            if self.retry_failed_job(queue_name, job_id, rq_name=rq_name):
+                retried += 1
+            else:
+                skipped += 1
+        return FailedJobsOutcome(retried, skipped)
+
+    def retry_failed_job(self, queue_name: str, job_id: str, *, rq_name: str | None = None) -> bool:
+        """Re-run one failed job: its intent goes back to the stage's start (recorded on
+        the timeline) and gets a fresh job. False if the job is not in the queue's DLQ."""
+        target = stage(queue_name)
+        job, intent = self._failed_job(target, job_id, rq_name)
+        if job is None:
+            return False
+        if intent is None:  # not an intent job (or its intent is gone): plain RQ requeue
+            FailedJobRegistry(job.origin, connection=self.connection).requeue(job)
+            return True
+        start = IntentStatus.PENDING if target.key == "fulfillment" else IntentStatus.VALIDATED
+        if intent.status != start:
+            try:
+                intent.reset_for_retry(start, queue=job.origin, job_id=job.id, actor="operator")
+            except IllegalTransitionError:
+                logger.warning(
+                    "not retrying %s: intent %s is %s", job.id, intent.hash, intent.status
+                )
+                return False
+        if target.key == "fulfillment":
+            self.add_intent_to_fulfillment_queue(intent, enforce_limit=False)
+        else:
+            self.add_intent_to_execution_queue(intent)
+        return True
+
+    def delete_failed_job(self, queue_name: str, job_id: str, *, rq_name: str | None = None) -> int:
+        """Remove one job from the dead-letter queue; its intent stays (or becomes) FAILED."""
+        target = stage(queue_name)
+        job, intent = self._failed_job(target, job_id, rq_name)
+        if job is None:
+            return 0
+        if intent is not None and intent.status not in (
+            IntentStatus.FAILED,
+            IntentStatus.FULFILLED,
+        ):
+            with contextlib.suppress(IllegalTransitionError):
+                intent.mark_failed("removed from the DLQ", "cleared", actor="operator")
+        with self.connection.pipeline() as pipe:
+            _forget_old_run(pipe, job.id, job.origin)
+            pipe.execute()
+        return 1
+
+    def _failed_job(
+        self, target: Stage, job_id: str, rq_name: str | None
+    ) -> tuple[Job | None, Intent | None]:
+        names = [rq_name] if rq_name else target.rq_names
+        for name in names:
+            if self.connection.zscore(f"rq:failed:{name}", job_id) is None:
+                continue
+            job = Job.fetch(job_id, connection=self.connection, serializer=JSONSerializer)
+            try:
+                data = JobData.parse(job.args[0] if job.args else None)
+            except (BadJobDataError, ValueError, TypeError):
+                return job, None
+            intent = Intent.objects.filter(pk=data.intent_id, hash=data.intent_hash).first()
+            return job, intent
+        return None, None
+
+
+def _forget_old_run(pipe: Any, job_id: str, origin: str) -> None:
+    """Remove every trace of a finished or failed run of ``job_id`` (inside MULTI)."""
+    for registry in (FailedJobRegistry, FinishedJobRegistry, ScheduledJobRegistry):
+        pipe.zrem(registry.key_template.format(origin), job_id)
+    pipe.zrem(StartedJobRegistry.key_template.format(origin), job_id)
+    pipe.delete(Job.key_for(job_id), f"rq:results:{job_id}")
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _from_timestamp(value: bytes | None) -> datetime | None:
+    if not value:
+        return None
+    return datetime.fromtimestamp(float(value), tz=UTC)
+
+
+__all__ = ["NORMAL_PRIORITY", "EnqueueResult", "QueueService", "submit_intent"]

@@ -2,10 +2,48 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from django.db.models.signals import post_migrate
+from django.db import connections, transaction
+from django.db.models.signals import post_migrate, post_save
 from django.dispatch import receiver
+from redis.exceptions import RedisError
+
+from intentqueue.models import Intent
+from intentqueue.status import IntentStatus
+
+logger = logging.getLogger(__name__)
+
+
+@receiver(post_save, sender=Intent, dispatch_uid="intentqueue.enqueue_new_intent")
+def enqueue_new_intent(
+    sender: type[Intent], instance: Intent, created: bool, **kwargs: Any
+) -> None:
+    """Queue a newly saved PENDING intent for validation once its transaction commits.
+
+    A rolled-back intent never gets a job. If Redis is down at commit time the intent
+    stays PENDING and the reconciler queues it later: nothing is lost.
+    """
+    if not created or instance.status != IntentStatus.PENDING or kwargs.get("raw"):
+        return
+    intent_id, using = instance.pk, kwargs.get("using") or "default"
+    transaction.on_commit(lambda: _enqueue_committed(intent_id), using=using)
+
+
+def _enqueue_committed(intent_id: int) -> None:
+    from intentqueue.services import QueueService
+
+    intent = Intent.objects.filter(pk=intent_id, status=IntentStatus.PENDING).first()
+    if intent is None:
+        return
+    try:
+        QueueService().add_intent_to_fulfillment_queue(intent, enforce_limit=False)
+    except RedisError as error:
+        logger.warning(
+            "could not queue intent %s (%s); it stays PENDING for the reconciler",
+            intent.hash, error,
+        )  # fmt: skip
 
 
 @receiver(post_migrate)
@@ -16,8 +54,6 @@ def enable_sqlite_wal(sender: Any, using: str = "default", **kwargs: Any) -> Non
     property of the file, so it is set here and not on every connection: two processes
     switching at the same moment fail with "database is locked".
     """
-    from django.db import connections
-
     conn = connections[using]
     if conn.vendor == "sqlite" and not conn.is_in_memory_db():  # type: ignore[attr-defined]
         with conn.cursor() as cursor:

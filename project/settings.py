@@ -119,6 +119,9 @@ if not REDIS_URL.startswith(("redis://", "rediss://", "unix://")):
 
 INTENTQUEUE: dict[str, object] = {"redis": {"url": REDIS_URL}}
 RQ_QUEUES = rq_queues(INTENTQUEUE, {"URL": REDIS_URL})
+# Our worker (in-process jobs, priorities, pause, stalls) and job class (allow-list) are
+# what `manage.py rqworker <queue>` uses with no flags.
+RQ = {"WORKER_CLASS": "intentqueue.worker.IntentWorker", "JOB_CLASS": "intentqueue.jobs.IntentJob"}
 RQ_SHOW_ADMIN_LINK = True
 
 # --- the rest ---------------------------------------------------------------------------

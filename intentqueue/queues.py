@@ -1,0 +1,129 @@
+"""Queue names, Redis keys and RQ objects of the two stages.
+
+Each stage (``fulfillment``, ``execution``) is one logical queue made of one RQ queue per
+priority: priority 10 (normal, the default) uses the stage's own name
+(``intent-fulfillment``), priorities 1-9 use ``<name>-p<n>``. A worker started on the
+stage's name serves all of them, highest priority first (see ``worker.py``). Everything
+is a plain RQ queue with the JSON serializer, so ``rq info`` and django-rq show it.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import redis
+from rq import Queue, Retry
+from rq.serializers import JSONSerializer
+
+from intentqueue.conf import QUEUE_KEYS, JobOptions, intentqueue_settings
+from intentqueue.exceptions import UnknownQueueError
+
+#: Priorities, 1 = highest. Intents without one get ``NORMAL_PRIORITY``.
+HIGHEST_PRIORITY = 1
+NORMAL_PRIORITY = 10
+PRIORITIES = range(HIGHEST_PRIORITY, NORMAL_PRIORITY + 1)
+
+#: Prefix of every key intentqueue writes besides RQ's own.
+KEY_PREFIX = "intentqueue"
+#: Set of paused stage names.
+PAUSED_KEY = f"{KEY_PREFIX}:paused"
+
+
+def band_name(base: str, priority: int) -> str:
+    """The RQ queue that holds ``base``'s jobs of ``priority``."""
+    return base if priority == NORMAL_PRIORITY else f"{base}-p{priority}"
+
+
+def band_names(base: str) -> list[str]:
+    """All RQ queues of a stage, highest priority first."""
+    return [band_name(base, p) for p in PRIORITIES]
+
+
+def all_rq_queue_names(base_names: list[str]) -> list[str]:
+    """Every RQ queue name of the given stages (for ``RQ_QUEUES``)."""
+    return [name for base in base_names for name in band_names(base)]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One logical queue: its settings key (``fulfillment``), RQ name and job options."""
+
+    key: str
+    name: str
+    options: JobOptions
+
+    @property
+    def rq_names(self) -> list[str]:
+        """Its RQ queues, highest priority first."""
+        return band_names(self.name)
+
+    def retry(
+        self, attempts: int | None = None, delays_ms: list[int] | None = None
+    ) -> Retry | None:
+        """RQ's ``Retry`` for this stage: ``attempts`` total runs (``None``: the default)."""
+        attempts = self.options.attempts if attempts is None else attempts
+        if attempts <= 1:
+            return None
+        delays = delays_ms if delays_ms is not None else backoff_delays_ms(self.options, attempts)
+        # RQ counts retries (attempts - 1) and wants whole seconds; an interval list as
+        # long as the retries, or its first value is reused for early retries.
+        return Retry(max=attempts - 1, interval=[round(d / 1000) for d in delays])
+
+
+def backoff_delays_ms(options: JobOptions, attempts: int) -> list[int]:
+    """Delay before retry n (n = 1 .. attempts-1): ``delay * 2**(n-1)`` or ``delay``."""
+    base = options.backoff.delay
+    if options.backoff.type == "fixed":
+        return [base] * (attempts - 1)
+    return [base * 2 ** (n - 1) for n in range(1, attempts)]
+
+
+def stage(key_or_name: str) -> Stage:
+    """The stage by settings key (``fulfillment``) or by any of its RQ queue names."""
+    conf = intentqueue_settings
+    for key in QUEUE_KEYS:
+        queue = conf.queue(key)
+        if key_or_name == key or key_or_name in band_names(queue.name):
+            return Stage(key=key, name=queue.name, options=queue.default_job_options)
+    known = ", ".join(conf.queue_names)
+    raise UnknownQueueError(f"unknown queue {key_or_name!r}; the queues are: {known}")
+
+
+def stages() -> list[Stage]:
+    """Both stages, fulfillment first."""
+    return [stage(key) for key in QUEUE_KEYS]
+
+
+@functools.lru_cache(maxsize=8)
+def _connection_for(url: str, retries: int) -> redis.Redis:
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry as RedisRetry
+
+    return redis.Redis.from_url(
+        url,
+        retry=RedisRetry(ExponentialBackoff(cap=1.0, base=0.05), retries),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        socket_connect_timeout=5,
+        health_check_interval=30,
+    )
+
+
+def get_connection() -> redis.Redis:
+    """The process-wide Redis client of the configured server (thread- and fork-safe)."""
+    conf = intentqueue_settings.redis
+    url = conf.url
+    if not url:
+        auth = f":{conf.password}@" if conf.password else ""
+        url = f"redis://{auth}{conf.host}:{conf.port}/{conf.db}"
+    return _connection_for(url, conf.max_retries_per_request)
+
+
+def rq_queue(name: str, connection: redis.Redis | None = None) -> Queue:
+    """A plain RQ queue (JSON serializer) named ``name``."""
+    return Queue(name, connection=connection or get_connection(), serializer=JSONSerializer)
+
+
+def job_id_for(stage_key: str, intent_hash: str) -> str:
+    """The deterministic RQ job id of an intent's job in a stage."""
+    return f"{stage_key}-{intent_hash.removeprefix('0x')}"
