@@ -22,6 +22,9 @@ class RetryPolicy(StrEnum):
     BACKOFF = "backoff"
     IMMEDIATE = "immediate"
     NEVER = "never"
+    #: Not a failure: run the job again after ``delay_seconds`` without using an attempt
+    #: (e.g. a sent transaction waiting for confirmations: no worker blocks on it).
+    RECHECK = "recheck"
 
 
 class IntentQueueError(Exception):
@@ -98,6 +101,18 @@ class NetworkError(IntentQueueError):
 
     retry_policy = RetryPolicy.IMMEDIATE
     error_type = "network"
+
+
+class RecheckLater(IntentQueueError):
+    """Nothing failed, the job is waiting on the outside world: it runs again after
+    ``delay_seconds`` without using an attempt, and frees its worker meanwhile."""
+
+    retry_policy = RetryPolicy.RECHECK
+    error_type = "recheck"
+
+    def __init__(self, message: str, delay_seconds: int = 1) -> None:
+        self.delay_seconds = max(0, int(delay_seconds))
+        super().__init__(message)
 
 
 class PermanentError(IntentQueueError):

@@ -143,34 +143,28 @@ class Intent(models.Model):
         updates: dict[str, Any] = {"status": target, "updated_at": now, **fields}
         if error or error_type:
             updates.update(last_error=error, last_error_type=error_type)
-        with transaction.atomic():
-            row = (
-                Intent.objects.select_for_update()
-                .filter(pk=self.pk)
-                .values_list("status", flat=True)
-                .first()
-            )
-            if row is None or IntentStatus(row) not in sources:
-                current = row or "deleted"
+        expected: str | None = self.status
+        for _ in range(3):  # a stale in-memory status gets re-read
+            if expected is not None and IntentStatus(expected) in sources:
+                with transaction.atomic():
+                    # Compare-and-set: the row changes only if it is still in `expected`.
+                    if Intent.objects.filter(pk=self.pk, status=expected).update(**updates):
+                        entry = IntentTransition.objects.create(
+                            intent=self, from_status=expected, to_status=target, at=now,
+                            queue=queue, job_id=job_id, attempt=attempt, error=error,
+                            error_type=error_type, trace_id=trace_id, actor=actor,
+                            extra=extra or {},
+                        )  # fmt: skip
+                        break
+            current = Intent.objects.filter(pk=self.pk).values_list("status", flat=True).first()
+            if current is None or IntentStatus(current) not in sources:
                 allowed = ", ".join(sorted(sources))
-                raise IllegalTransitionError(self.hash, current, target, f"allowed from: {allowed}")
-            changed = Intent.objects.filter(pk=self.pk, status=row).update(**updates)
-            if changed != 1:  # only possible where row locks are not supported
-                raise IllegalTransitionError(self.hash, row, target, "lost a race")
-            entry = IntentTransition.objects.create(
-                intent=self,
-                from_status=row,
-                to_status=target,
-                at=now,
-                queue=queue,
-                job_id=job_id,
-                attempt=attempt,
-                error=error,
-                error_type=error_type,
-                trace_id=trace_id,
-                actor=actor,
-                extra=extra or {},
-            )
+                raise IllegalTransitionError(
+                    self.hash, current or "deleted", target, f"allowed from: {allowed}"
+                )
+            expected = current
+        else:
+            raise IllegalTransitionError(self.hash, str(expected), target, "lost a race")
         for name, value in updates.items():
             setattr(self, name, value)
         return entry
@@ -261,3 +255,50 @@ class IntentTransition(models.Model):
 def timestamp_ms(moment: datetime | None = None) -> int:
     """Milliseconds since the epoch, as the job metadata carries them."""
     return int((moment or timezone.now()).timestamp() * 1000)
+
+
+class OperatorAction(models.Model):
+    """The audit ledger: one row for every pause, resume, retry and clear, by anyone.
+
+    Written by ``QueueService`` whether the call came from the admin, a command or code;
+    read-only in the admin.
+    """
+
+    class Action(models.TextChoices):
+        """What the operator did."""
+
+        PAUSE = "pause", "Pause queue"
+        RESUME = "resume", "Resume queue"
+        RETRY_FAILED = "retry_failed", "Retry failed jobs"
+        CLEAR_FAILED = "clear_failed", "Clear failed jobs"
+        RETRY_JOB = "retry_job", "Retry one job"
+        DELETE_JOB = "delete_job", "Delete one job"
+        RETRY_INTENT = "retry_intent", "Retry intent"
+
+    class Outcome(models.TextChoices):
+        """Whether it worked."""
+
+        OK = "ok", "OK"
+        ERROR = "error", "Error"
+
+    at = models.DateTimeField(default=timezone.now, db_index=True)
+    actor = models.CharField(max_length=150, help_text="User name, or 'system'/'cli'.")
+    action = models.CharField(max_length=32, choices=Action.choices)
+    queue = models.CharField(max_length=64, blank=True)
+    job_ids = models.JSONField(default=list, blank=True, help_text="At most the first 100.")
+    count = models.PositiveIntegerField(default=0, help_text="Jobs or intents touched.")
+    reason = models.TextField(blank=True)
+    outcome = models.CharField(max_length=8, choices=Outcome.choices, default=Outcome.OK)
+    detail = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-at", "-id"]
+        permissions = [
+            ("view_queues", "Can view queues and the dead-letter queue"),
+            ("pause_queue", "Can pause and resume queues"),
+            ("retry_jobs", "Can retry failed jobs"),
+            ("clear_jobs", "Can clear failed jobs"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.actor} {self.action} {self.queue} ({self.count})"

@@ -120,8 +120,16 @@ def get_connection() -> redis.Redis:
 
 
 def rq_queue(name: str, connection: redis.Redis | None = None) -> Queue:
-    """A plain RQ queue (JSON serializer) named ``name``."""
-    return Queue(name, connection=connection or get_connection(), serializer=JSONSerializer)
+    """A plain RQ queue (JSON serializer) named ``name``, cached per connection (a Queue
+    asks the server for its version once, so a fresh one per enqueue costs a round trip)."""
+    return _cached_queue(name, connection or get_connection())
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_queue(name: str, connection: redis.Redis) -> Queue:
+    from intentqueue.jobs import IntentJob
+
+    return Queue(name, connection=connection, serializer=JSONSerializer, job_class=IntentJob)
 
 
 def job_id_for(stage_key: str, intent_hash: str) -> str:

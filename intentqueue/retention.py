@@ -36,11 +36,28 @@ def _trim(connection: Redis, keys: list[str], keep: int | None) -> int:
     return len(oldest)
 
 
+def registry_keys(stage: Stage) -> tuple[list[str], list[str]]:
+    """The finished and failed registry keys of all of a stage's RQ queues."""
+    return (
+        [f"rq:finished:{name}" for name in stage.rq_names],
+        [f"rq:failed:{name}" for name in stage.rq_names],
+    )
+
+
+def over_limit(stage: Stage, finished: int, failed: int) -> bool:
+    """Whether these counts exceed the stage's retention."""
+    options = stage.options
+    keep_finished = JobOptions.keep_count(options.remove_on_complete)
+    keep_failed = JobOptions.keep_count(options.remove_on_fail)
+    return (keep_finished is not None and finished > keep_finished) or (
+        keep_failed is not None and failed > keep_failed
+    )
+
+
 def trim_registries(connection: Redis, stage: Stage) -> tuple[int, int]:
     """Apply the stage's retention; returns (completed, failed) jobs removed."""
     options: JobOptions = stage.options
-    finished = [f"rq:finished:{name}" for name in stage.rq_names]
-    failed = [f"rq:failed:{name}" for name in stage.rq_names]
+    finished, failed = registry_keys(stage)
     return (
         _trim(connection, finished, JobOptions.keep_count(options.remove_on_complete)),
         _trim(connection, failed, JobOptions.keep_count(options.remove_on_fail)),

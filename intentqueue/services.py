@@ -6,7 +6,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,7 +31,7 @@ from intentqueue.exceptions import (
     IllegalTransitionError,
     IntentQueueError,
 )
-from intentqueue.models import Intent, timestamp_ms
+from intentqueue.models import Intent, OperatorAction, timestamp_ms
 from intentqueue.payloads import parse_intent_payload
 from intentqueue.processors.base import JobData
 from intentqueue.queues import (
@@ -84,6 +84,19 @@ def submit_intent(payload: Any) -> Intent:
     except IntegrityError:
         # Another process stored the same intent between our read and our insert.
         return Intent.objects.get(hash=parsed.hash)
+
+
+@dataclass
+class _AuditRecord:
+    """Jobs an audited operation touched."""
+
+    job_ids: list[str] = field(default_factory=list)
+    count: int = 0
+
+    def add(self, job_id: str) -> None:
+        self.count += 1
+        if len(self.job_ids) < 100:
+            self.job_ids.append(job_id)
 
 
 @dataclass(frozen=True)
@@ -282,13 +295,18 @@ class QueueService:
 
     # --- control ------------------------------------------------------------------------
 
-    def pause_queue(self, queue_name: str) -> None:
-        """Stop starting jobs of the queue (all priorities); its jobs stay where they are."""
-        self.connection.sadd(PAUSED_KEY, stage(queue_name).name)
+    def pause_queue(self, queue_name: str, *, actor: str = "system", reason: str = "") -> None:
+        """Stop starting jobs of the queue (all priorities); its jobs stay where they are.
+        Workers already waiting see it within a second; it survives worker restarts."""
+        name = stage(queue_name).name
+        with self._audited(OperatorAction.Action.PAUSE, name, actor, reason):
+            self.connection.sadd(PAUSED_KEY, name)
 
-    def resume_queue(self, queue_name: str) -> None:
+    def resume_queue(self, queue_name: str, *, actor: str = "system", reason: str = "") -> None:
         """Start jobs of the queue again, in priority order."""
-        self.connection.srem(PAUSED_KEY, stage(queue_name).name)
+        name = stage(queue_name).name
+        with self._audited(OperatorAction.Action.RESUME, name, actor, reason):
+            self.connection.srem(PAUSED_KEY, name)
 
     def is_paused(self, queue_name: str) -> bool:
         """Whether the queue is paused."""
@@ -303,27 +321,105 @@ class QueueService:
             for job_id in registry.get_job_ids(cleanup=False):
                 yield name, job_id
 
-    def clear_failed_jobs(self, queue_name: str) -> FailedJobsOutcome:
-        """Delete every job of the queue's dead-letter queue. Intents stay (or become) FAILED."""
-        count = 0
-        for rq_name, job_id in list(self.failed_job_ids(queue_name)):
-            count += self.delete_failed_job(queue_name, job_id, rq_name=rq_name)
-        return FailedJobsOutcome(count)
+    def clear_failed_jobs(
+        self,
+        queue_name: str,
+        *,
+        reason: str,
+        actor: str = "system",
+        job_ids: list[str] | None = None,
+    ) -> FailedJobsOutcome:
+        """Delete the jobs of the queue's dead-letter queue (all, or ``job_ids``); their
+        intents stay (or become) FAILED. ``reason`` is required and audited."""
+        name = stage(queue_name).name
+        with self._audited(
+            OperatorAction.Action.CLEAR_FAILED, name, actor, reason, required=True
+        ) as record:
+            count = 0
+            for rq_name, job_id in self._selected_failed(queue_name, job_ids):
+                count += self._delete_failed(stage(queue_name), job_id, rq_name, actor)
+                record.add(job_id)
+            return FailedJobsOutcome(count)
 
-    def retry_failed_jobs(self, queue_name: str) -> FailedJobsOutcome:
-        """Re-run every job of the queue's dead-letter queue with its attempts reset."""
-        retried = skipped = 0
-        for rq_name, job_id in list(self.failed_job_ids(queue_name)):
-            if self.retry_failed_job(queue_name, job_id, rq_name=rq_name):
-                retried += 1
-            else:
-                skipped += 1
-        return FailedJobsOutcome(retried, skipped)
+    def retry_failed_jobs(
+        self,
+        queue_name: str,
+        *,
+        reason: str,
+        actor: str = "system",
+        job_ids: list[str] | None = None,
+    ) -> FailedJobsOutcome:
+        """Re-run the jobs of the queue's dead-letter queue (all, or ``job_ids``) with
+        their attempts reset. ``reason`` is required and audited."""
+        name = stage(queue_name).name
+        with self._audited(
+            OperatorAction.Action.RETRY_FAILED, name, actor, reason, required=True
+        ) as record:
+            retried = skipped = 0
+            for rq_name, job_id in self._selected_failed(queue_name, job_ids):
+                if self._retry_failed(stage(queue_name), job_id, rq_name, actor):
+                    retried += 1
+                    record.add(job_id)
+                else:
+                    skipped += 1
+            return FailedJobsOutcome(retried, skipped)
 
-    def retry_failed_job(self, queue_name: str, job_id: str, *, rq_name: str | None = None) -> bool:
+    def retry_failed_job(
+        self, queue_name: str, job_id: str, *, actor: str = "system", reason: str = ""
+    ) -> bool:
+        """Re-run one failed job (audited); False if it is not in the queue's DLQ."""
+        target = stage(queue_name)
+        with self._audited(OperatorAction.Action.RETRY_JOB, target.name, actor, reason) as record:
+            done = self._retry_failed(target, job_id, None, actor)
+            if done:
+                record.add(job_id)
+            return done
+
+    def delete_failed_job(
+        self, queue_name: str, job_id: str, *, actor: str = "system", reason: str = ""
+    ) -> bool:
+        """Remove one job from the DLQ (audited); its intent stays (or becomes) FAILED."""
+        target = stage(queue_name)
+        with self._audited(OperatorAction.Action.DELETE_JOB, target.name, actor, reason) as record:
+            done = bool(self._delete_failed(target, job_id, None, actor))
+            if done:
+                record.add(job_id)
+            return done
+
+    def _selected_failed(self, queue_name: str, job_ids: list[str] | None) -> list[tuple[str, str]]:
+        everything = list(self.failed_job_ids(queue_name))
+        if job_ids is None:
+            return everything
+        wanted = set(job_ids)
+        return [(rq_name, job_id) for rq_name, job_id in everything if job_id in wanted]
+
+    @contextlib.contextmanager
+    def _audited(
+        self, action: str, queue: str, actor: str, reason: str, *, required: bool = False
+    ) -> Iterator[_AuditRecord]:
+        """Write an ``OperatorAction`` row for what the block does, failed or not."""
+        if required and not reason.strip():
+            raise IntentQueueError(f"a reason is required to {action.replace('_', ' ')}")
+        record = _AuditRecord()
+        try:
+            yield record
+        except Exception as error:
+            OperatorAction.objects.create(
+                actor=actor, action=action, queue=queue, job_ids=record.job_ids[:100],
+                count=record.count, reason=reason, outcome=OperatorAction.Outcome.ERROR,
+                detail=f"{type(error).__name__}: {error}"[:2000],
+            )  # fmt: skip
+            raise
+        OperatorAction.objects.create(
+            actor=actor, action=action, queue=queue, job_ids=record.job_ids[:100],
+            count=record.count, reason=reason,
+        )  # fmt: skip
+
+    def _retry_failed(
+        self, target: Stage, job_id: str, rq_name: str | None, actor: str = "system"
+    ) -> bool:
         """Re-run one failed job: its intent goes back to the stage's start (recorded on
         the timeline) and gets a fresh job. False if the job is not in the queue's DLQ."""
-        target = stage(queue_name)
         job, intent = self._failed_job(target, job_id, rq_name)
         if job is None:
             return False
@@ -333,7 +429,7 @@ class QueueService:
         start = IntentStatus.PENDING if target.key == "fulfillment" else IntentStatus.VALIDATED
         if intent.status != start:
             try:
-                intent.reset_for_retry(start, queue=job.origin, job_id=job.id, actor="operator")
+                intent.reset_for_retry(start, queue=job.origin, job_id=job.id, actor=actor)
             except IllegalTransitionError:
                 logger.warning(
                     "not retrying %s: intent %s is %s", job.id, intent.hash, intent.status
@@ -345,9 +441,9 @@ class QueueService:
             self.add_intent_to_execution_queue(intent)
         return True
 
-    def delete_failed_job(self, queue_name: str, job_id: str, *, rq_name: str | None = None) -> int:
-        """Remove one job from the dead-letter queue; its intent stays (or becomes) FAILED."""
-        target = stage(queue_name)
+    def _delete_failed(
+        self, target: Stage, job_id: str, rq_name: str | None, actor: str = "system"
+    ) -> int:
         job, intent = self._failed_job(target, job_id, rq_name)
         if job is None:
             return 0
@@ -356,7 +452,7 @@ class QueueService:
             IntentStatus.FULFILLED,
         ):
             with contextlib.suppress(IllegalTransitionError):
-                intent.mark_failed("removed from the DLQ", "cleared", actor="operator")
+                intent.mark_failed("removed from the DLQ", "cleared", actor=actor)
         with self.connection.pipeline() as pipe:
             _forget_old_run(pipe, job.id, job.origin)
             pipe.execute()

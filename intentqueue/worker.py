@@ -20,7 +20,6 @@ On top of RQ it adds, through RQ's extension points only:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -39,7 +38,7 @@ from intentqueue.conf import intentqueue_settings
 from intentqueue.exceptions import UnknownQueueError
 from intentqueue.jobs import IntentJob
 from intentqueue.queues import KEY_PREFIX, PAUSED_KEY, Stage, stage
-from intentqueue.retention import trim_registries
+from intentqueue.retention import over_limit, registry_keys, trim_registries
 from intentqueue.services import LAST_PROCESSED_KEY
 
 logger = logging.getLogger(__name__)
@@ -85,7 +84,6 @@ class IntentWorker(SimpleWorker):
         self.lock_seconds = max(1, conf.lock_duration // 1000)
         self._stage_of = {q.name: self._stage_name(q.name) for q in self.queues}
         self._dequeues = 0
-        self._jobs_since_trim = 0
 
     def _stage_name(self, rq_name: str) -> str | None:
         for name, target in self.stages.items():
@@ -102,6 +100,12 @@ class IntentWorker(SimpleWorker):
     def get_heartbeat_ttl(self, job: Job) -> int:
         """A running job's hold lasts ``lock_duration``; the heartbeat thread renews it."""
         return self.lock_seconds
+
+    def handle_warm_shutdown_request(self) -> None:
+        """Remember the request even if RQ's ``StopRequested`` lands inside a guarded block
+        (maintenance swallows errors so a worker keeps running), so the loop still ends."""
+        super().handle_warm_shutdown_request()
+        self._stop_requested = True
 
     def work(self, *args: Any, **kwargs: Any) -> bool:
         """RQ's work loop with the scheduler always on (delayed retries must run)."""
@@ -132,13 +136,23 @@ class IntentWorker(SimpleWorker):
                 logger.warning("heartbeat for job %s failed", job.id, exc_info=True)
 
     def _after_job(self, queue: Queue) -> None:
+        """Record when the stage last processed a job and apply its retention, in one
+        round trip unless something must be trimmed."""
         stage_name = self._stage_of.get(queue.name)
-        if stage_name is not None:
-            with contextlib.suppress(Exception):
-                self.connection.set(LAST_PROCESSED_KEY.format(stage_name), time.time())
-        self._jobs_since_trim += 1
-        if self._jobs_since_trim >= 50:
-            self._trim()
+        if stage_name is None:
+            return
+        target = self.stages[stage_name]
+        finished, failed = registry_keys(target)
+        try:
+            with self.connection.pipeline(transaction=False) as pipe:
+                pipe.set(LAST_PROCESSED_KEY.format(stage_name), time.time())
+                for key in (*finished, *failed):
+                    pipe.zcard(key)
+                _, *counts = pipe.execute()
+            if over_limit(target, sum(counts[: len(finished)]), sum(counts[len(finished) :])):
+                trim_registries(self.connection, target)
+        except Exception:
+            logger.warning("recording the end of a job failed", exc_info=True)
 
     def dequeue_job_and_maintain_ttl(
         self, timeout: int | None, max_idle_time: int | None = None
@@ -254,7 +268,6 @@ class IntentWorker(SimpleWorker):
         self._reconcile()
 
     def _trim(self) -> None:
-        self._jobs_since_trim = 0
         try:
             for target in self.stages.values():
                 trim_registries(self.connection, target)

@@ -21,3 +21,12 @@ TEST_REDIS_URL = REDIS_URL
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":  # noqa: F405
     # A file, not memory: worker processes started by tests must see the same database.
     DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test.sqlite3")}  # noqa: F405
+
+# Worker processes started by tests receive the test's INTENTQUEUE overrides as JSON.
+if os.environ.get("INTENTQUEUE_TEST_SETTINGS"):
+    import json
+
+    from intentqueue.conf import rq_queues
+
+    INTENTQUEUE = json.loads(os.environ["INTENTQUEUE_TEST_SETTINGS"])
+    RQ_QUEUES = rq_queues(INTENTQUEUE, {"URL": os.environ["REDIS_URL"]})

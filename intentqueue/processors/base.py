@@ -23,6 +23,7 @@ from intentqueue.exceptions import (
     BadJobDataError,
     IllegalTransitionError,
     IntentQueueError,
+    RecheckLater,
     RetryPolicy,
     StalledJobError,
     retry_policy_for,
@@ -157,16 +158,23 @@ def _error_type(error: BaseException) -> str:
     return type(error).__name__
 
 
-def _insert_immediate_retry(job: Job) -> None:
-    """Make the retry about to happen immediate without shifting later backoff delays.
-
-    RQ picks interval ``len(intervals) - retries_left``; inserting a 0 at that index keeps
-    every later retry at its own delay.
-    """
+def _insert_retry_delay(job: Job, seconds: int = 0) -> None:
+    """Make the retry about to happen wait ``seconds`` without shifting later backoff
+    delays. RQ picks interval ``len(intervals) - retries_left``; inserting at that index
+    keeps every later retry at its own delay."""
     intervals = list(job.retry_intervals or [])
     index = max(len(intervals) + 1 - (job.retries_left or 0), 0)
-    intervals.insert(index, 0)
+    intervals.insert(index, seconds)
     job.retry_intervals = intervals
+
+
+def _schedule_recheck(job: Job, error: RecheckLater) -> None:
+    """Run the job again later without using an attempt (no error is recorded)."""
+    job.retries_left = (job.retries_left or 0) + 1
+    _insert_retry_delay(job, error.delay_seconds)
+    job.meta["rechecks"] = int(job.meta.get("rechecks", 0)) + 1
+    job.save_meta()
+    logger.debug("job %s: %s; checking again in %ss", job.id, error, error.delay_seconds)
 
 
 def handle_job_failure(job: Job, error: BaseException) -> None:
@@ -178,6 +186,9 @@ def handle_job_failure(job: Job, error: BaseException) -> None:
     - a network error is retried at once, other errors with the stage's backoff;
     - on the last attempt the intent becomes FAILED with the error.
     """
+    if isinstance(error, RecheckLater):
+        _schedule_recheck(job, error)
+        return
     stalled = isinstance(error, AbandonedJobError)
     if stalled:
         stalls = int(job.meta.get("stalled_count", 0)) + 1
@@ -188,13 +199,13 @@ def handle_job_failure(job: Job, error: BaseException) -> None:
             job.retries_left = 0
         else:
             job.retries_left = (job.retries_left or 0) + 1
-            _insert_immediate_retry(job)
+            _insert_retry_delay(job)
     policy = retry_policy_for(error)
     if policy is RetryPolicy.NEVER:
         job.retries_left = 0
     final = not job.retries_left
     if policy is RetryPolicy.IMMEDIATE and not final:
-        _insert_immediate_retry(job)
+        _insert_retry_delay(job)
     message, error_type = _short(error), _error_type(error)
     if stalled and not isinstance(error, StalledJobError):
         message, error_type = "worker died while running the job; re-queued", "stalled"
