@@ -47,6 +47,8 @@ test-postgres: install
 	@if $(BIN)/python -c "import psycopg, sys; psycopg.connect(sys.argv[1], connect_timeout=3).close()" "$(TEST_DATABASE_URL)" 2>/dev/null; then \
 	  echo "== the suite on PostgreSQL ($(TEST_DATABASE_URL))"; \
 	  DATABASE_URL="$(TEST_DATABASE_URL)" $(BIN)/python -m pytest $(PYTEST_ARGS); \
+	elif [ -n "$$REQUIRE_POSTGRES" ]; then \
+	  echo "== PostgreSQL at $(TEST_DATABASE_URL) does not answer and REQUIRE_POSTGRES is set" >&2; exit 1; \
 	else \
 	  echo "== PostgreSQL at $(TEST_DATABASE_URL) does not answer: the suite ran on SQLite only"; \
 	fi

@@ -12,3 +12,6 @@ class IntentQueueConfig(AppConfig):
 
     def ready(self) -> None:
         from intentqueue import checks, signal_handlers  # noqa: F401
+        from intentqueue.tracing import configure_tracing
+
+        configure_tracing()

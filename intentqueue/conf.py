@@ -119,6 +119,16 @@ class WorkerConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    """When the queues count as healthy (see ``intentqueue.health``)."""
+
+    #: Oldest waiting job's age, in seconds, above which a queue is unhealthy.
+    max_waiting_age: int = 300
+    #: Whether a queue without a live worker is unhealthy.
+    require_workers: bool = True
+
+
+@dataclass(frozen=True)
 class IntentQueueSettings:
     """The whole ``INTENTQUEUE`` namespace."""
 
@@ -128,6 +138,8 @@ class IntentQueueSettings:
     queues: dict[str, QueueConfig]
     #: Worker behaviour.
     worker: WorkerConfig
+    #: Health rules.
+    health: HealthConfig = field(default_factory=HealthConfig)
     #: Fulfillment jobs one ``metadata.source`` (client) may enqueue per window; more are
     #: rejected with ``EnqueueRateLimitedError`` (off by default).
     enqueue_limit: LimiterConfig = field(default_factory=LimiterConfig)
@@ -139,6 +151,9 @@ class IntentQueueSettings:
     chains: dict[str, Any] = field(default_factory=dict)
     #: Strategy used when an intent names none.
     default_strategy: str = "standard"
+    #: Bearer token for the Prometheus endpoint (staff with ``view_queues`` may always read
+    #: it); None: staff only.
+    metrics_token: str | None = None
 
     def queue(self, key: str) -> QueueConfig:
         """The queue configured under ``key`` (``fulfillment`` or ``execution``)."""
@@ -199,6 +214,7 @@ DEFAULTS: dict[str, Any] = {
         "stalled_interval": 30000,
         "lock_duration": 30000,
     },
+    "health": {"max_waiting_age": 300, "require_workers": True},
     "enqueue_limit": {"max": 0, "duration": 60000},
     "strategies": {
         "standard": {
@@ -209,6 +225,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "chains": {},
     "default_strategy": "standard",
+    "metrics_token": None,
 }
 
 #: Settings whose keys are names chosen by the user (merged shallowly, any key allowed).

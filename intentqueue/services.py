@@ -7,12 +7,11 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from django.db import IntegrityError, transaction
 from redis import Redis
-from redis.exceptions import RedisError, WatchError
+from redis.exceptions import WatchError
 from rq import Callback
 from rq.job import Job, JobStatus
 from rq.registry import (
@@ -31,6 +30,8 @@ from intentqueue.exceptions import (
     IllegalTransitionError,
     IntentQueueError,
 )
+from intentqueue.health import check_health
+from intentqueue.metrics import QueueMetrics
 from intentqueue.models import Intent, OperatorAction, timestamp_ms
 from intentqueue.payloads import parse_intent_payload
 from intentqueue.processors.base import JobData
@@ -45,9 +46,9 @@ from intentqueue.queues import (
     job_id_for,
     rq_queue,
     stage,
-    stages,
 )
 from intentqueue.status import IntentStatus
+from intentqueue.tracing import META_KEY, producer_span
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,6 @@ FINISHED_TTL = 7 * 24 * 3600
 FAILED_TTL = 365 * 24 * 3600
 #: Seconds a job may run before RQ stops it.
 JOB_TIMEOUT = 300
-LAST_PROCESSED_KEY = f"{KEY_PREFIX}:last-processed:{{}}"
 
 
 def submit_intent(payload: Any) -> Intent:
@@ -134,12 +134,14 @@ class QueueService:
         attempts: int | None = None,
         backoff_ms: list[int] | None = None,
         enforce_limit: bool = True,
+        trace_context: dict[str, str] | None = None,
     ) -> EnqueueResult:
         """Queue ``intent`` for validation (a FulfillmentJob).
 
         At most one live job per intent: if one is waiting, delayed or running, its id is
         returned and nothing is added. ``attempts``/``backoff_ms`` override the queue's
-        retry defaults for this job.
+        retry defaults for this job; ``trace_context`` (W3C headers) parents the producer
+        span when the caller's context was captured earlier (before an on-commit hook).
         """
         meta = {
             "source": intent.source,
@@ -153,6 +155,7 @@ class QueueService:
         return self._enqueue(
             stage("fulfillment"), intent, data,
             priority=priority or intent.priority, attempts=attempts, backoff_ms=backoff_ms,
+            trace_context=trace_context,
         )  # fmt: skip
 
     def add_intent_to_execution_queue(
@@ -186,7 +189,30 @@ class QueueService:
         priority: int,
         attempts: int | None,
         backoff_ms: list[int] | None,
+        trace_context: dict[str, str] | None = None,
     ) -> EnqueueResult:
+        job_id = job_id_for(target.key, intent.hash)
+        with producer_span(
+            target.name, job_id, parent=trace_context,
+            intent_hash=intent.hash, strategy=data.strategy,
+        ) as carrier:  # fmt: skip
+            return self._enqueue_once(
+                target, intent, data, priority=priority, attempts=attempts,
+                backoff_ms=backoff_ms, carrier=carrier,
+            )  # fmt: skip
+
+    def _enqueue_once(
+        self,
+        target: Stage,
+        intent: Intent,
+        data: JobData,
+        *,
+        priority: int,
+        attempts: int | None,
+        backoff_ms: list[int] | None,
+        carrier: dict[str, str],
+    ) -> EnqueueResult:
+        """Create the job unless a live one exists (WATCH/MULTI on the job's key)."""
         if priority not in PRIORITIES:
             raise IntentQueueError(f"priority must be 1 (highest) to 10 (normal), got {priority}")
         queue = rq_queue(band_name(target.name, priority), self.connection)
@@ -196,6 +222,10 @@ class QueueService:
         max_attempts = attempts or target.options.attempts
         keep = target.options
         func = jobs.FULFILLMENT_FUNC if target.key == "fulfillment" else jobs.EXECUTION_FUNC
+        result_ttl = 0 if keep.keep_count(keep.remove_on_complete) == 0 else FINISHED_TTL
+        meta: dict[str, Any] = {"max_attempts": max_attempts, "priority": priority}
+        if carrier:
+            meta[META_KEY] = carrier
         with self.connection.pipeline() as pipe:
             while True:
                 try:
@@ -211,11 +241,9 @@ class QueueService:
                         retry=retry,
                         on_failure=Callback(jobs.on_job_failure),
                         timeout=JOB_TIMEOUT,
-                        result_ttl=0
-                        if keep.keep_count(keep.remove_on_complete) == 0
-                        else FINISHED_TTL,
+                        result_ttl=result_ttl,
                         failure_ttl=FAILED_TTL,
-                        meta={"max_attempts": max_attempts, "priority": priority},
+                        meta=meta,
                     )
                     pipe.multi()
                     if origin is not None:
@@ -243,55 +271,17 @@ class QueueService:
     # --- metrics and health -------------------------------------------------------------
 
     def get_queue_metrics(self, queue_name: str) -> dict[str, Any]:
-        """Counts of one queue (all its priorities): waiting, active, completed, failed,
-        delayed, and whether it is paused."""
-        target = stage(queue_name)
-        with self.connection.pipeline(transaction=False) as pipe:
-            for name in target.rq_names:
-                pipe.llen(f"rq:queue:{name}")
-                pipe.zcard(f"rq:wip:{name}")
-                pipe.zcard(f"rq:finished:{name}")
-                pipe.zcard(f"rq:failed:{name}")
-                pipe.zcard(f"rq:scheduled:{name}")
-            pipe.sismember(PAUSED_KEY, target.name)
-            pipe.get(LAST_PROCESSED_KEY.format(target.name))
-            *counts, paused, last = pipe.execute()
-        totals = [sum(counts[i::5]) for i in range(5)]
-        return {
-            "queue": target.name,
-            "waiting": totals[0],
-            "active": totals[1],
-            "completed": totals[2],
-            "failed": totals[3],
-            "delayed": totals[4],
-            "paused": bool(paused),
-            "last_processed_at": _from_timestamp(last),
-        }
+        """One queue (all its priorities): the spec's counts (waiting, active, completed,
+        failed, delayed), plus stalled, paused, workers, jobs per minute, success rate,
+        average duration, oldest waiting job's age, top failure reasons and the last hour
+        per minute. See ``intentqueue.metrics``."""
+        return QueueMetrics(self.connection).snapshot(stage(queue_name)).as_dict()
 
     def get_queue_health(self) -> dict[str, Any]:
-        """The spec's QueueHealth: ``is_healthy``, ``metrics`` (summed over the queues),
-        ``redis_status`` and ``last_processed_at``; ``queues`` holds each queue's metrics.
-
-        Healthy means Redis answers and no queue is paused.
-        """
-        try:
-            self.connection.ping()
-            per_queue = {s.name: self.get_queue_metrics(s.name) for s in stages()}
-        except RedisError as error:
-            logger.warning("Redis is not reachable: %s", error)
-            return {
-                "is_healthy": False, "metrics": {}, "queues": {},
-                "redis_status": "disconnected", "last_processed_at": None,
-            }  # fmt: skip
-        keys = ("waiting", "active", "completed", "failed", "delayed")
-        processed = [m["last_processed_at"] for m in per_queue.values() if m["last_processed_at"]]
-        return {
-            "is_healthy": not any(m["paused"] for m in per_queue.values()),
-            "metrics": {k: sum(m[k] for m in per_queue.values()) for k in keys},
-            "queues": per_queue,
-            "redis_status": "connected",
-            "last_processed_at": max(processed) if processed else None,
-        }
+        """The spec's QueueHealth (``is_healthy``, ``metrics``, ``redis_status``,
+        ``last_processed_at``) with each queue's metrics and the ``problems`` found; the
+        rules are in ``intentqueue.health``."""
+        return check_health(self.connection)
 
     # --- control ------------------------------------------------------------------------
 
@@ -485,12 +475,6 @@ def _forget_old_run(pipe: Any, job_id: str, origin: str) -> None:
 
 def _text(value: bytes | str | None) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def _from_timestamp(value: bytes | None) -> datetime | None:
-    if not value:
-        return None
-    return datetime.fromtimestamp(float(value), tz=UTC)
 
 
 __all__ = ["NORMAL_PRIORITY", "EnqueueResult", "QueueService", "submit_intent"]

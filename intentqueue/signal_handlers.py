@@ -12,6 +12,7 @@ from redis.exceptions import RedisError
 
 from intentqueue.models import Intent
 from intentqueue.status import IntentStatus
+from intentqueue.tracing import current_carrier
 
 logger = logging.getLogger(__name__)
 
@@ -28,17 +29,20 @@ def enqueue_new_intent(
     if not created or instance.status != IntentStatus.PENDING or kwargs.get("raw"):
         return
     intent_id, using = instance.pk, kwargs.get("using") or "default"
-    transaction.on_commit(lambda: _enqueue_committed(intent_id), using=using)
+    carrier = current_carrier()  # the saver's trace, captured before the deferral
+    transaction.on_commit(lambda: _enqueue_committed(intent_id, carrier), using=using)
 
 
-def _enqueue_committed(intent_id: int) -> None:
+def _enqueue_committed(intent_id: int, carrier: dict[str, str] | None = None) -> None:
     from intentqueue.services import QueueService
 
     intent = Intent.objects.filter(pk=intent_id, status=IntentStatus.PENDING).first()
     if intent is None:
         return
     try:
-        QueueService().add_intent_to_fulfillment_queue(intent, enforce_limit=False)
+        QueueService().add_intent_to_fulfillment_queue(
+            intent, enforce_limit=False, trace_context=carrier
+        )
     except RedisError as error:
         logger.warning(
             "could not queue intent %s (%s); it stays PENDING for the reconciler",

@@ -29,7 +29,7 @@ from typing import Any
 from django.db import close_old_connections
 from rq import Queue
 from rq.exceptions import DequeueTimeout
-from rq.job import Job
+from rq.job import Job, JobStatus
 from rq.registry import clean_registries
 from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker
@@ -37,9 +37,11 @@ from rq.worker import SimpleWorker
 from intentqueue.conf import intentqueue_settings
 from intentqueue.exceptions import UnknownQueueError
 from intentqueue.jobs import IntentJob
+from intentqueue.logcontext import log_context
+from intentqueue.metrics import record_job_end
 from intentqueue.queues import KEY_PREFIX, PAUSED_KEY, Stage, stage
 from intentqueue.retention import over_limit, registry_keys, trim_registries
-from intentqueue.services import LAST_PROCESSED_KEY
+from intentqueue.tracing import consumer_span, record_outcome
 
 logger = logging.getLogger(__name__)
 
@@ -113,18 +115,21 @@ class IntentWorker(SimpleWorker):
         return super().work(*args, **kwargs)
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        """Run the job in this process with a heartbeat and fresh database connections."""
+        """Run the job in this process, inside its consumer span and log context, with a
+        heartbeat and fresh database connections."""
         close_old_connections()
         stop = threading.Event()
         beat = threading.Thread(target=self._keep_alive, args=(job, stop), daemon=True)
         beat.start()
-        try:
-            super().execute_job(job, queue)
-        finally:
-            stop.set()
-            beat.join()
-            close_old_connections()
-            self._after_job(queue)
+        with log_context(job_id=job.id, queue=queue.name), consumer_span(job, queue.name) as span:
+            try:
+                super().execute_job(job, queue)
+            finally:
+                stop.set()
+                beat.join()
+                close_old_connections()
+                record_outcome(span, getattr(job, "outcome", None))
+                self._after_job(job, queue)
 
     def _keep_alive(self, job: Job, stop: threading.Event) -> None:
         interval = max(0.5, self.lock_seconds / 3)
@@ -135,24 +140,33 @@ class IntentWorker(SimpleWorker):
             except Exception:  # a missed beat is retried; the job must go on
                 logger.warning("heartbeat for job %s failed", job.id, exc_info=True)
 
-    def _after_job(self, queue: Queue) -> None:
-        """Record when the stage last processed a job and apply its retention, in one
-        round trip unless something must be trimmed."""
+    def _after_job(self, job: Job, queue: Queue) -> None:
+        """Count the run in the queue's metrics and apply its retention, in one round
+        trip unless something must be trimmed."""
         stage_name = self._stage_of.get(queue.name)
         if stage_name is None:
             return
         target = self.stages[stage_name]
         finished, failed = registry_keys(target)
+        outcome = getattr(job, "outcome", None) or (
+            "completed" if job.get_status(refresh=False) == JobStatus.FINISHED else "failed"
+        )
+        duration = None
+        if job.started_at and job.ended_at:
+            duration = (job.ended_at - job.started_at).total_seconds() * 1000
         try:
             with self.connection.pipeline(transaction=False) as pipe:
-                pipe.set(LAST_PROCESSED_KEY.format(stage_name), time.time())
                 for key in (*finished, *failed):
                     pipe.zcard(key)
-                _, *counts = pipe.execute()
+                record_job_end(
+                    pipe, stage_name, outcome=outcome, duration_ms=duration, now=time.time(),
+                    reason=getattr(job, "failure_fingerprint", None),
+                )  # fmt: skip
+                counts = pipe.execute()[: len(finished) + len(failed)]
             if over_limit(target, sum(counts[: len(finished)]), sum(counts[len(finished) :])):
                 trim_registries(self.connection, target)
         except Exception:
-            logger.warning("recording the end of a job failed", exc_info=True)
+            logger.warning("recording the end of job %s failed", job.id, exc_info=True)
 
     def dequeue_job_and_maintain_ttl(
         self, timeout: int | None, max_idle_time: int | None = None

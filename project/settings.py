@@ -117,7 +117,10 @@ if not REDIS_URL.startswith(("redis://", "rediss://", "unix://")):
         "(TLS) or unix://"
     )
 
-INTENTQUEUE: dict[str, object] = {"redis": {"url": REDIS_URL}}
+INTENTQUEUE: dict[str, object] = {
+    "redis": {"url": REDIS_URL},
+    "metrics_token": os.environ.get("METRICS_TOKEN") or None,
+}
 RQ_QUEUES = rq_queues(INTENTQUEUE, {"URL": REDIS_URL})
 # Our worker (in-process jobs, priorities, pause, stalls) and job class (allow-list) are
 # what `manage.py rqworker <queue>` uses with no flags.
@@ -142,14 +145,30 @@ STATIC_ROOT = VAR_DIR / "static"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 LOG_LEVEL = os.environ.get("LOG_LEVEL", "INFO").upper()
+# LOG_FORMAT=json writes one JSON object a line, with intent_hash, correlation_id, job_id,
+# queue and trace_id on every line written while a job runs.
+LOG_FORMAT = os.environ.get("LOG_FORMAT", "plain").lower()
+if LOG_FORMAT not in {"plain", "json"}:
+    raise ImproperlyConfigured(f"LOG_FORMAT={LOG_FORMAT!r}: expected plain or json")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"job": {"()": "intentqueue.logcontext.JobLogFilter"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
+        "json": {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "format": "%(asctime)s %(levelname)s %(name)s %(message)s %(intent_hash)s "
+            "%(correlation_id)s %(job_id)s %(queue)s %(trace_id)s",
+            "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
+        },
+    },
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT, "filters": ["job"]}
+    },
     "root": {"handlers": ["console"], "level": "WARNING"},
     "loggers": {
         "intentqueue": {"level": LOG_LEVEL, "handlers": ["console"], "propagate": False},
-        "rq.worker": {"level": LOG_LEVEL, "handlers": ["console"], "propagate": False},
+        "rq": {"level": LOG_LEVEL, "handlers": ["console"], "propagate": False},
     },
 }

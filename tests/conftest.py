@@ -79,6 +79,8 @@ class Workers:
         self.tmp_dir = tmp_dir
         self.overrides: dict[str, object] = {"strategies": STRATEGY_ACCEPTING}
         self.procs: list[subprocess.Popen[bytes]] = []
+        #: More environment variables for the worker processes (keys, OTEL_*, LOG_*).
+        self.extra_env: dict[str, str] = {}
 
     def configure(self, **overrides: object) -> override_settings:
         """INTENTQUEUE overrides for this test and its workers; use as a context manager."""
@@ -100,6 +102,7 @@ class Workers:
             INTENTQUEUE_TEST_SETTINGS=json.dumps(self.settings()),
             PYTHONUNBUFFERED="1",
         )
+        env.update(self.extra_env)
         return env
 
     def start(self, queue: str = "intent-fulfillment", *args: str) -> subprocess.Popen[bytes]:
@@ -112,6 +115,7 @@ class Workers:
         return proc
 
     def run_burst(self, queue: str = "intent-fulfillment", timeout: float = 60) -> str:
+        """Run one worker until its queue is empty; returns what it printed."""
         result = subprocess.run(
             [sys.executable, "manage.py", "rqworker", queue, "--burst"],
             cwd=ROOT, env=self.env(), capture_output=True, text=True, timeout=timeout,
@@ -120,11 +124,13 @@ class Workers:
         assert result.returncode == 0, result.stdout + result.stderr
         return result.stdout + result.stderr
 
-    def logs(self) -> str:
+    def logs(self, tail: int | None = 4000) -> str:
+        """What the worker processes wrote (the last ``tail`` characters of each)."""
         out = []
         for index in range(len(self.procs)):
             with open(os.path.join(self.tmp_dir, f"worker-{index}.log"), errors="replace") as f:
-                out.append(f"--- worker {index}\n{f.read()[-4000:]}")
+                text = f.read()
+            out.append(f"--- worker {index}\n{text[-tail:] if tail else text}")
         return "\n".join(out)
 
     def stop_all(self) -> None:

@@ -28,6 +28,8 @@ from intentqueue.exceptions import (
     StalledJobError,
     retry_policy_for,
 )
+from intentqueue.logcontext import bind
+from intentqueue.metrics import fingerprint
 from intentqueue.models import Intent
 from intentqueue.queues import Stage, stage
 
@@ -136,6 +138,7 @@ class Processor(ABC):
         intent = Intent.objects.filter(pk=data.intent_id).first()
         if intent is None or intent.hash != data.intent_hash:
             raise BadJobDataError(f"no intent {data.intent_hash} with id {data.intent_id}")
+        bind(intent_hash=intent.hash, correlation_id=intent.correlation_id)
         logger.debug(
             "%s job for intent %s (attempt %s, correlation id %s)",
             self.stage_key, intent.hash, self.context.attempt, intent.correlation_id,
@@ -188,6 +191,7 @@ def handle_job_failure(job: Job, error: BaseException) -> None:
     """
     if isinstance(error, RecheckLater):
         _schedule_recheck(job, error)
+        job.outcome = "recheck"  # type: ignore[attr-defined]  # read by the worker's metrics
         return
     stalled = isinstance(error, AbandonedJobError)
     if stalled:
@@ -217,6 +221,9 @@ def handle_job_failure(job: Job, error: BaseException) -> None:
     if final:
         job.meta["failure_reason"] = error_type
     job.save_meta()
+    # Read by the worker's metrics once RQ is done with the job (same object, in-process).
+    job.outcome = "failed" if final else ("stalled" if stalled else "retried")  # type: ignore[attr-defined]
+    job.failure_fingerprint = fingerprint(error_type, message) if final else None  # type: ignore[attr-defined]
     _record_on_intent(job, message, error_type, final=final)
 
 

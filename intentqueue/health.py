@@ -1,0 +1,74 @@
+"""Queue health: the spec's QueueHealth, with rules an on-call engineer can read.
+
+A deployment is healthy when all of these hold (``problems`` lists each one that does
+not, so a failing probe says why):
+1. Redis answers (``redis_status`` is ``connected``);
+2. no queue is paused (a paused queue starts nothing; pausing is deliberate, but it is
+   reported so nobody forgets one);
+3. every queue has at least one live worker (``INTENTQUEUE.health.require_workers``);
+4. no queue's oldest waiting job is older than ``INTENTQUEUE.health.max_waiting_age``
+   seconds (work is arriving faster than it is done, or nothing is taking it).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from redis import Redis
+from redis.exceptions import RedisError
+
+from intentqueue.conf import intentqueue_settings
+from intentqueue.metrics import QueueMetrics
+from intentqueue.queues import get_connection, stages
+
+logger = logging.getLogger(__name__)
+
+SPEC_COUNTS = ("waiting", "active", "completed", "failed", "delayed")
+
+
+def queue_problems(metrics: dict[str, Any]) -> list[str]:
+    """What is wrong with one queue, by the rules above."""
+    rules = intentqueue_settings.health
+    problems = []
+    if metrics["paused"]:
+        problems.append("paused")
+    if rules.require_workers and not metrics["workers"]:
+        problems.append("no live worker")
+    age = metrics["oldest_waiting_age_s"]
+    if age is not None and age > rules.max_waiting_age:
+        problems.append(f"oldest waiting job is {age:.0f}s old (limit {rules.max_waiting_age}s)")
+    return problems
+
+
+def check_health(connection: Redis | None = None) -> dict[str, Any]:
+    """``is_healthy``, ``metrics`` (the spec's counts over all queues), ``redis_status``,
+    ``last_processed_at``, ``queues`` (each queue's metrics and problems), ``problems``."""
+    connection = connection or get_connection()
+    try:
+        connection.ping()
+        reader = QueueMetrics(connection)
+        queues = {s.name: reader.snapshot(s).as_dict() for s in stages()}
+    except RedisError as error:
+        logger.warning("health: Redis is not reachable: %s", error)
+        return {
+            "is_healthy": False,
+            "metrics": dict.fromkeys(SPEC_COUNTS, 0),
+            "redis_status": "disconnected",
+            "last_processed_at": None,
+            "queues": {},
+            "problems": [f"redis: {type(error).__name__}"],
+        }
+    problems = []
+    for name, metrics in queues.items():
+        metrics["problems"] = queue_problems(metrics)
+        problems += [f"{name}: {p}" for p in metrics["problems"]]
+    processed = [m["last_processed_at"] for m in queues.values() if m["last_processed_at"]]
+    return {
+        "is_healthy": not problems,
+        "metrics": {k: sum(m[k] for m in queues.values()) for k in SPEC_COUNTS},
+        "redis_status": "connected",
+        "last_processed_at": max(processed) if processed else None,
+        "queues": queues,
+        "problems": problems,
+    }
