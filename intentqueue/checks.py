@@ -48,3 +48,22 @@ def _serializer_name(value: Any) -> str:
     if value is None or isinstance(value, str):
         return value or ""
     return f"{value.__module__}.{value.__qualname__}"
+
+
+@checks.register("redis")
+def check_redis_memory_policy(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """Warn when Redis evicts keys (it would silently drop jobs) or is unreachable."""
+    from redis.exceptions import RedisError
+
+    from intentqueue.health import memory_problems, redis_memory
+    from intentqueue.queues import get_connection
+
+    try:
+        connection = get_connection()
+        memory = redis_memory(connection)
+    except (RedisError, ImproperlyConfigured) as error:
+        return [checks.Warning(f"Redis is not reachable: {error}", id="intentqueue.W002")]
+    return [
+        checks.Warning(f"Redis {problem}", id="intentqueue.W001")
+        for problem in memory_problems(memory)
+    ]

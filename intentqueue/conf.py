@@ -44,6 +44,11 @@ class RedisConfig:
     db: int = 0
     #: How often a command is retried on a connection error before it fails.
     max_retries_per_request: int = 3
+    #: Sentinel addresses (``host:port``); when set, the master named ``master_name`` is
+    #: asked of them and ``password``/``db`` apply to it.
+    sentinels: list[str] = field(default_factory=list)
+    #: The Sentinel master's name.
+    master_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,8 @@ class HealthConfig:
     max_waiting_age: int = 300
     #: Whether a queue without a live worker is unhealthy.
     require_workers: bool = True
+    #: Redis ``used_memory / maxmemory`` above which Redis is reported unhealthy.
+    max_memory_ratio: float = 0.8
 
 
 @dataclass(frozen=True)
@@ -149,6 +156,9 @@ class IntentQueueSettings:
     #: Chains by chain id (a string): ``{"rpc_url": ..., "portal": ..., ...}``, read by
     #: ``intentqueue.chain``.
     chains: dict[str, Any] = field(default_factory=dict)
+    #: Wallet types by name: ``{"class": dotted path, "options": {...}}``, read by
+    #: ``intentqueue.chain.wallets``; an execution job's ``walletType`` picks one.
+    wallets: dict[str, Any] = field(default_factory=dict)
     #: Strategy used when an intent names none.
     default_strategy: str = "standard"
     #: Bearer token for the Prometheus endpoint (staff with ``view_queues`` may always read
@@ -184,6 +194,8 @@ DEFAULTS: dict[str, Any] = {
         "password": None,
         "db": 0,
         "max_retries_per_request": 3,
+        "sentinels": [],
+        "master_name": None,
     },
     "queues": {
         "fulfillment": {
@@ -214,7 +226,7 @@ DEFAULTS: dict[str, Any] = {
         "stalled_interval": 30000,
         "lock_duration": 30000,
     },
-    "health": {"max_waiting_age": 300, "require_workers": True},
+    "health": {"max_waiting_age": 300, "require_workers": True, "max_memory_ratio": 0.8},
     "enqueue_limit": {"max": 0, "duration": 60000},
     "strategies": {
         "standard": {
@@ -224,12 +236,15 @@ DEFAULTS: dict[str, Any] = {
         },
     },
     "chains": {},
+    "wallets": {
+        "basic": {"class": "intentqueue.chain.wallets.BasicWallet"},
+    },
     "default_strategy": "standard",
     "metrics_token": None,
 }
 
 #: Settings whose keys are names chosen by the user (merged shallowly, any key allowed).
-OPEN_MAPS = {"INTENTQUEUE.strategies", "INTENTQUEUE.chains"}
+OPEN_MAPS = {"INTENTQUEUE.strategies", "INTENTQUEUE.chains", "INTENTQUEUE.wallets"}
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any], path: str) -> dict[str, Any]:
@@ -259,6 +274,13 @@ def _check_type(value: Any, annotation: Any, where: str) -> None:
             choices = ", ".join(repr(a) for a in get_args(annotation))
             raise ImproperlyConfigured(f"{where}: must be one of {choices}, got {value!r}")
         return
+    if origin is list:
+        (item,) = get_args(annotation)
+        if not isinstance(value, list):
+            raise ImproperlyConfigured(f"{where}: expected a list, got {value!r}")
+        for index, element in enumerate(value):
+            _check_type(element, item, f"{where}[{index}]")
+        return
     allowed = get_args(annotation) if origin in (types.UnionType, typing.Union) else (annotation,)
     for option in allowed:
         if option is type(None) and value is None:
@@ -266,6 +288,8 @@ def _check_type(value: Any, annotation: Any, where: str) -> None:
         if option is int and isinstance(value, int) and not isinstance(value, bool):
             return
         if option in (str, bool) and type(value) is option:
+            return
+        if option is float and isinstance(value, int | float) and not isinstance(value, bool):
             return
     names = " or ".join(getattr(a, "__name__", str(a)) for a in allowed)
     raise ImproperlyConfigured(f"{where}: expected {names}, got {value!r}")
@@ -276,7 +300,7 @@ def _build[T](cls: type[T], data: dict[str, Any], path: str) -> T:
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         value, where, hint = data[f.name], f"{path}.{f.name}", hints[f.name]
-        if f.name in ("strategies", "chains"):
+        if f.name in ("strategies", "chains", "wallets"):
             if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
                 raise ImproperlyConfigured(f"{where}: expected a dict of dicts, got {value!r}")
             kwargs[f.name] = value
@@ -316,6 +340,17 @@ def _queue_problems(conf: IntentQueueSettings) -> list[str]:
     return problems
 
 
+def _sentinel_problems(redis: RedisConfig) -> list[str]:
+    problems = []
+    for index, address in enumerate(redis.sentinels):
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            problems.append(f"INTENTQUEUE.redis.sentinels[{index}]: expected host:port")
+    if redis.sentinels and not redis.master_name:
+        problems.append("INTENTQUEUE.redis.master_name: required with sentinels")
+    return problems
+
+
 def _validate(conf: IntentQueueSettings) -> None:
     """Checks of values (types are checked while building)."""
     problems = _queue_problems(conf)
@@ -329,6 +364,9 @@ def _validate(conf: IntentQueueSettings) -> None:
         problems.append("INTENTQUEUE.redis.port: must be between 1 and 65535")
     if conf.redis.max_retries_per_request < 0:
         problems.append("INTENTQUEUE.redis.max_retries_per_request: must not be negative")
+    problems += _sentinel_problems(conf.redis)
+    if not 0 < conf.health.max_memory_ratio <= 1:
+        problems.append("INTENTQUEUE.health.max_memory_ratio: must be in (0, 1]")
     enabled = {name for name, spec in conf.strategies.items() if spec.get("enabled", True)}
     if conf.default_strategy not in enabled:
         problems.append(

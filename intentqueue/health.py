@@ -7,7 +7,10 @@ not, so a failing probe says why):
    reported so nobody forgets one);
 3. every queue has at least one live worker (``INTENTQUEUE.health.require_workers``);
 4. no queue's oldest waiting job is older than ``INTENTQUEUE.health.max_waiting_age``
-   seconds (work is arriving faster than it is done, or nothing is taking it).
+   seconds (work is arriving faster than it is done, or nothing is taking it);
+5. Redis does not evict keys (``maxmemory-policy`` is ``noeviction``: any other policy
+   silently drops jobs under memory pressure) and uses at most
+   ``INTENTQUEUE.health.max_memory_ratio`` of its ``maxmemory``.
 """
 
 from __future__ import annotations
@@ -41,12 +44,40 @@ def queue_problems(metrics: dict[str, Any]) -> list[str]:
     return problems
 
 
+def redis_memory(connection: Redis) -> dict[str, Any]:
+    """Redis memory use, limit and eviction policy (``INFO memory``)."""
+    info = connection.info("memory")
+    used, limit = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
+    return {
+        "used_memory": used,
+        "maxmemory": limit,
+        "maxmemory_policy": str(info.get("maxmemory_policy", "")),
+        "used_ratio": round(used / limit, 4) if limit else None,
+    }
+
+
+def memory_problems(memory: dict[str, Any]) -> list[str]:
+    """What is wrong with Redis's memory settings, by rule 5."""
+    problems = []
+    policy = memory["maxmemory_policy"]
+    if policy and policy != "noeviction":
+        problems.append(
+            f"maxmemory-policy is {policy}: an evicting Redis silently drops jobs "
+            "(set it to noeviction)"
+        )
+    ratio, limit = memory["used_ratio"], intentqueue_settings.health.max_memory_ratio
+    if ratio is not None and ratio > limit:
+        problems.append(f"memory at {ratio:.0%} of maxmemory (limit {limit:.0%})")
+    return problems
+
+
 def check_health(connection: Redis | None = None) -> dict[str, Any]:
     """``is_healthy``, ``metrics`` (the spec's counts over all queues), ``redis_status``,
     ``last_processed_at``, ``queues`` (each queue's metrics and problems), ``problems``."""
     connection = connection or get_connection()
     try:
         connection.ping()
+        memory = redis_memory(connection)
         reader = QueueMetrics(connection)
         queues = {s.name: reader.snapshot(s).as_dict() for s in stages()}
     except RedisError as error:
@@ -57,9 +88,10 @@ def check_health(connection: Redis | None = None) -> dict[str, Any]:
             "redis_status": "disconnected",
             "last_processed_at": None,
             "queues": {},
+            "redis": {},
             "problems": [f"redis: {type(error).__name__}"],
         }
-    problems = []
+    problems = [f"redis: {p}" for p in memory_problems(memory)]
     for name, metrics in queues.items():
         metrics["problems"] = queue_problems(metrics)
         problems += [f"{name}: {p}" for p in metrics["problems"]]
@@ -70,5 +102,6 @@ def check_health(connection: Redis | None = None) -> dict[str, Any]:
         "redis_status": "connected",
         "last_processed_at": max(processed) if processed else None,
         "queues": queues,
+        "redis": memory,
         "problems": problems,
     }

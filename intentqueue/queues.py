@@ -109,13 +109,37 @@ def _connection_for(url: str, retries: int) -> redis.Redis:
     )
 
 
+@functools.lru_cache(maxsize=8)
+def _sentinel_master(
+    sentinels: tuple[str, ...], master: str, password: str | None, db: int, retries: int
+) -> redis.Redis:
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry as RedisRetry
+    from redis.sentinel import Sentinel
+
+    addresses = [(a.rpartition(":")[0], int(a.rpartition(":")[2])) for a in sentinels]
+    return Sentinel(addresses, socket_connect_timeout=5).master_for(
+        master,
+        password=password,
+        db=db,
+        retry=RedisRetry(ExponentialBackoff(cap=1.0, base=0.05), retries),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
+
+
 def get_connection() -> redis.Redis:
-    """The process-wide Redis client of the configured server (thread- and fork-safe)."""
+    """The process-wide Redis client of the configured server (thread- and fork-safe):
+    ``redis.url``, else the Sentinel master, else host/port/password/db."""
     conf = intentqueue_settings.redis
-    url = conf.url
-    if not url:
-        auth = f":{conf.password}@" if conf.password else ""
-        url = f"redis://{auth}{conf.host}:{conf.port}/{conf.db}"
+    if conf.url:
+        return _connection_for(conf.url, conf.max_retries_per_request)
+    if conf.sentinels and conf.master_name:
+        return _sentinel_master(
+            tuple(conf.sentinels), conf.master_name, conf.password, conf.db,
+            conf.max_retries_per_request,
+        )  # fmt: skip
+    auth = f":{conf.password}@" if conf.password else ""
+    url = f"redis://{auth}{conf.host}:{conf.port}/{conf.db}"
     return _connection_for(url, conf.max_retries_per_request)
 
 

@@ -65,6 +65,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -108,20 +109,41 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     )
 
 # --- Redis and the queues ---------------------------------------------------------------
+# REDIS_URL (redis:// or rediss:// for TLS, password in the URL), or Sentinel with
+# REDIS_SENTINELS=host:port,host:port + REDIS_SENTINEL_MASTER (+ REDIS_PASSWORD, REDIS_DB);
+# with neither, an embedded Valkey is started for this checkout (data under var/).
 REDIS_URL = os.environ.get("REDIS_URL", "").strip()
-if not REDIS_URL:
-    REDIS_URL = ensure_embedded_redis(VAR_DIR / "valkey")
-if not REDIS_URL.startswith(("redis://", "rediss://", "unix://")):
-    raise ImproperlyConfigured(
-        f"REDIS_URL={REDIS_URL!r}: expected redis://[:password@]host:port/db, rediss:// "
-        "(TLS) or unix://"
-    )
+REDIS_SENTINELS = env_list("REDIS_SENTINELS", "")
+REDIS_SENTINEL_MASTER = os.environ.get("REDIS_SENTINEL_MASTER", "").strip()
+REDIS_PASSWORD = os.environ.get("REDIS_PASSWORD") or None
+REDIS_DB = int(os.environ.get("REDIS_DB", "0"))
+if REDIS_SENTINELS:
+    if not REDIS_SENTINEL_MASTER:
+        raise ImproperlyConfigured("REDIS_SENTINELS is set: set REDIS_SENTINEL_MASTER too")
+    redis_settings: dict[str, object] = {
+        "sentinels": REDIS_SENTINELS, "master_name": REDIS_SENTINEL_MASTER,
+        "password": REDIS_PASSWORD, "db": REDIS_DB,
+    }  # fmt: skip
+    rq_connection: dict[str, object] = {
+        "SENTINELS": [(a.rpartition(":")[0], int(a.rpartition(":")[2])) for a in REDIS_SENTINELS],
+        "MASTER_NAME": REDIS_SENTINEL_MASTER, "PASSWORD": REDIS_PASSWORD, "DB": REDIS_DB,
+    }  # fmt: skip
+else:
+    if not REDIS_URL:
+        REDIS_URL = ensure_embedded_redis(VAR_DIR / "valkey")
+    if not REDIS_URL.startswith(("redis://", "rediss://", "unix://")):
+        raise ImproperlyConfigured(
+            f"REDIS_URL={REDIS_URL!r}: expected redis://[:password@]host:port/db, rediss:// "
+            "(TLS) or unix://"
+        )
+    redis_settings = {"url": REDIS_URL}
+    rq_connection = {"URL": REDIS_URL}
 
 INTENTQUEUE: dict[str, object] = {
-    "redis": {"url": REDIS_URL},
+    "redis": redis_settings,
     "metrics_token": os.environ.get("METRICS_TOKEN") or None,
 }
-RQ_QUEUES = rq_queues(INTENTQUEUE, {"URL": REDIS_URL})
+RQ_QUEUES = rq_queues(INTENTQUEUE, rq_connection)
 # Our worker (in-process jobs, priorities, pause, stalls) and job class (allow-list) are
 # what `manage.py rqworker <queue>` uses with no flags.
 RQ = {"WORKER_CLASS": "intentqueue.worker.IntentWorker", "JOB_CLASS": "intentqueue.jobs.IntentJob"}
@@ -141,7 +163,28 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = VAR_DIR / "static"
+STATIC_ROOT = Path(os.environ.get("STATIC_ROOT") or VAR_DIR / "static")
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
+}
+if DEBUG:
+    STORAGES["staticfiles"] = {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}
+
+# --- production hardening (DEBUG off) -----------------------------------------------------
+if not DEBUG:
+    SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", True)
+    CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", True)
+    SECURE_HSTS_SECONDS = int(os.environ.get("SECURE_HSTS_SECONDS", "31536000"))
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", True)
+    SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", False)
+    # Probes and scrapers talk plain HTTP inside the cluster.
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
+    SECURE_CONTENT_TYPE_NOSNIFF = True
+    SECURE_REFERRER_POLICY = "same-origin"
+    X_FRAME_OPTIONS = "DENY"
+    if env_bool("TRUST_X_FORWARDED_PROTO"):  # behind a TLS-terminating proxy
+        SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 LOG_LEVEL = os.environ.get("LOG_LEVEL", "INFO").upper()
