@@ -20,25 +20,34 @@ On top of RQ it adds, through RQ's extension points only:
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
+import traceback
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import redis
 from django.db import close_old_connections
 from rq import Queue
-from rq.exceptions import DequeueTimeout
+from rq.defaults import DEFAULT_FAILURE_TTL, DEFAULT_LOGGING_DATE_FORMAT, DEFAULT_LOGGING_FORMAT
+from rq.exceptions import DequeueTimeout, DeserializationError, NoSuchJobError
+from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job, JobStatus
 from rq.registry import clean_registries
+from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
+from rq.utils import get_version, utcformat
 from rq.worker import SimpleWorker
 
 from intentqueue.conf import intentqueue_settings
-from intentqueue.exceptions import UnknownQueueError
+from intentqueue.exceptions import BadJobDataError, UnknownQueueError
 from intentqueue.jobs import IntentJob
 from intentqueue.logcontext import log_context
-from intentqueue.metrics import record_job_end
+from intentqueue.metrics import fingerprint, record_job_end
+from intentqueue.processors.base import handle_job_failure, shown
 from intentqueue.queues import KEY_PREFIX, PAUSED_KEY, Stage, stage
 from intentqueue.retention import over_limit, registry_keys, trim_registries
 from intentqueue.tracing import consumer_span, record_outcome
@@ -53,6 +62,25 @@ DEQUEUE_WAIT_SECONDS = 1
 
 def _queue_names(queues: Iterable[Any]) -> list[str]:
     return [q if isinstance(q, str) else q.name for q in queues]
+
+
+class IntentScheduler(RQScheduler):
+    """RQ's scheduler process, made to stop when its worker dies.
+
+    RQ forks the scheduler from the worker; if the worker is killed (SIGKILL, OOM) RQ's
+    scheduler keeps running as an orphan holding the queues' scheduler locks.
+    """
+
+    def start(self) -> Any:
+        self._worker_pid = os.getpid()
+        return super().start()
+
+    def heartbeat(self) -> None:
+        if os.getppid() != getattr(self, "_worker_pid", os.getppid()):
+            self.log.warning("scheduler: its worker is gone, stopping")
+            self.request_stop()
+            return
+        super().heartbeat()
 
 
 class IntentWorker(SimpleWorker):
@@ -108,6 +136,35 @@ class IntentWorker(SimpleWorker):
         (maintenance swallows errors so a worker keeps running), so the loop still ends."""
         super().handle_warm_shutdown_request()
         self._stop_requested = True
+
+    def _start_scheduler(
+        self,
+        burst: bool = False,
+        logging_level: str | None = "INFO",
+        date_format: str = DEFAULT_LOGGING_DATE_FORMAT,
+        log_format: str = DEFAULT_LOGGING_FORMAT,
+    ) -> None:
+        """RQ's scheduler start-up, with the scheduler that stops with its worker."""
+        self.scheduler = IntentScheduler(
+            self.queues,
+            connection=self.connection,
+            logging_level=logging_level if logging_level is not None else self.log.level,
+            date_format=date_format,
+            log_format=log_format,
+            serializer=self.serializer,
+        )
+        self.scheduler.acquire_locks()
+        if not self.scheduler.acquired_locks:
+            return
+        if not burst:
+            self.scheduler.start()
+            return
+        try:
+            self.scheduler.register_birth()
+            self.scheduler.enqueue_scheduled_jobs()
+        finally:
+            self.scheduler.release_locks()
+            self.scheduler.register_death()
 
     def work(self, *args: Any, **kwargs: Any) -> bool:
         """RQ's work loop with the scheduler always on (delayed retries must run)."""
@@ -187,21 +244,113 @@ class IntentWorker(SimpleWorker):
                 time.sleep(min(wait or DEQUEUE_WAIT_SECONDS, DEQUEUE_WAIT_SECONDS))
                 continue
             try:
-                result = self.queue_class.dequeue_any(
-                    queues, timeout, connection=self.connection, job_class=self.job_class,
-                    serializer=self.serializer, death_penalty_class=self.death_penalty_class,
-                )  # fmt: skip
+                result = self._dequeue_any(queues, timeout)
             except DequeueTimeout:
                 if max_idle_time is not None and time.monotonic() - idle_since > max_idle_time:
                     return None
                 continue
             if result is None:
                 return None
-            if self._put_back_if_held(*result):
+            if self._put_back_if_held(*result) or not self._readable(*result):
                 continue
             self._dequeues += 1
             self.log.info("Worker %s: %s: %s", self.name, result[1].name, result[0].id)
             return result
+
+    # --- jobs that cannot be read ---------------------------------------------------------
+    # Anyone who can write to Redis can queue garbage. RQ ends the worker on a job hash it
+    # cannot read (the job id already popped: lost), silently skips a hash without data, and
+    # our span and log context read a job's data before RQ's own guards. A job that cannot
+    # be read goes to its queue's dead-letter queue with the reason instead (or, when there
+    # is no hash to keep, is dropped with a warning), and the worker carries on.
+
+    def _dequeue_any(self, queues: list[Queue], timeout: int | None) -> tuple[Job, Queue] | None:
+        """RQ's ``Queue.dequeue_any`` (same Redis commands), except for unreadable jobs."""
+        by_key = {q.key: q for q in queues}
+        keys = list(by_key)
+        while True:
+            if len(keys) == 1 and get_version(self.connection) >= (6, 2, 0):
+                popped = self.queue_class.lmove(self.connection, keys[0], timeout)
+            else:
+                popped = self.queue_class.lpop(keys, timeout, connection=self.connection)
+            if popped is None:
+                return None
+            raw_key, raw_id = popped
+            queue = by_key[raw_key.decode() if isinstance(raw_key, bytes) else raw_key]
+            try:
+                job_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+            except UnicodeDecodeError:
+                logger.warning("dropped a job id from %s that is not UTF-8: %r", queue.name, raw_id)
+                self.connection.lrem(IntermediateQueue(queue.key, self.connection).key, 1, raw_id)
+                continue
+            try:
+                job = self.job_class.fetch(
+                    job_id, connection=self.connection, serializer=self.serializer
+                )
+            except (redis.ConnectionError, redis.TimeoutError):
+                raise  # the server, not the job: RQ's own handling applies
+            except NoSuchJobError as error:
+                self._set_aside(job_id, queue, f"job hash cannot be read: {error}")
+                continue
+            except Exception as error:
+                reason = f"job hash cannot be read: {type(error).__name__}: {error}"
+                self._set_aside(job_id, queue, reason)
+                continue
+            # The job runs, fails and is retried as a job of the queue it was taken from,
+            # whatever its hash says (an empty origin would put it in no dead-letter queue).
+            job.origin = queue.name
+            return job, queue
+
+    def _set_aside(self, job_id: str, queue: Queue, reason: str) -> None:
+        """Put a job hash RQ cannot load in the dead-letter queue, written field by field
+        (it stays unreadable for RQ, but the dead-letter view and the reconciler read these
+        fields), or drop the id with a warning when there is no hash to keep."""
+        reason = shown(reason, quote=False)
+        key = Job.key_for(job_id)
+        IntermediateQueue(queue.key, self.connection).remove(job_id)
+        if self.connection.type(key) not in (b"hash", "hash"):
+            logger.warning("dropped job %s from %s: %s", job_id, queue.name, reason)
+            return
+        at = _utcnow()
+        meta = {
+            "errors": [{"attempt": 1, "type": BadJobDataError.error_type, "message": reason,
+                        "at": at.isoformat(), "final": True}],
+            "failure_reason": BadJobDataError.error_type,
+        }  # fmt: skip
+        with self.connection.pipeline() as pipe:
+            pipe.hset(key, mapping={
+                "status": JobStatus.FAILED.value, "origin": queue.name, "ended_at": utcformat(at),
+                "exc_info": reason, "meta": json.dumps(meta),
+            })  # fmt: skip
+            pipe.expire(key, DEFAULT_FAILURE_TTL)
+            pipe.zadd(queue.failed_job_registry.key, {job_id: time.time() + DEFAULT_FAILURE_TTL})
+            stage_name = self._stage_of.get(queue.name)
+            if stage_name is not None:
+                record_job_end(
+                    pipe, stage_name, outcome="failed", duration_ms=None, now=time.time(),
+                    reason=fingerprint(BadJobDataError.error_type, reason),
+                )  # fmt: skip
+            pipe.execute()
+        logger.warning(
+            "job %s of %s cannot be read; moved to the dead-letter queue: %s",
+            job_id, queue.name, reason,
+        )  # fmt: skip
+
+    def _readable(self, job: Job, queue: Queue) -> bool:
+        """Whether ``job``'s data can be read; if not, it fails at once (never starts)."""
+        try:
+            job.func_name  # noqa: B018  # reading it deserialises the data
+        except DeserializationError as error:
+            logger.warning("job %s of %s cannot be read: %s", job.id, queue.name, error)
+            job.ended_at = _utcnow()
+            handle_job_failure(job, error)  # our failure record, and no retry (bad job data)
+            job.retries_left = 0
+            exc_string = "".join(traceback.format_exception(error))
+            IntermediateQueue(queue.key, self.connection).remove(job.id)
+            self.handle_job_failure(job, queue, exc_string=exc_string)
+            self._after_job(job, queue)
+            return False
+        return True
 
     def _heartbeat_and_paused(self) -> set[str]:
         with self.connection.pipeline() as pipe:

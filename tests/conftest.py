@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -53,7 +54,8 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STRATEGY_ACCEPTING = {
     "standard": {
-        "class": "intentqueue.strategies.standard.StandardStrategy",
+        # No on-chain validations: these workers are configured with no chain to read.
+        "class": "tests.strategies.OffChainStandardStrategy",
         "options": {"supported_chains": [1, 10]},
     }
 }
@@ -110,6 +112,7 @@ class Workers:
         proc = subprocess.Popen(
             [sys.executable, "manage.py", "rqworker", queue, *args],
             cwd=ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: the worker and its scheduler
         )  # fmt: skip
         self.procs.append(proc)
         return proc
@@ -133,7 +136,15 @@ class Workers:
             out.append(f"--- worker {index}\n{text[-tail:] if tail else text}")
         return "\n".join(out)
 
+    @staticmethod
+    def kill(proc: subprocess.Popen[bytes]) -> None:
+        """SIGKILL a worker and its scheduler, as when its machine dies."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
     def stop_all(self) -> None:
+        """SIGTERM every worker (warm shutdown); kill what is left after 15 s."""
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -143,6 +154,8 @@ class Workers:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # anything it left behind
 
 
 @pytest.fixture

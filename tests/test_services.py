@@ -111,3 +111,26 @@ def _current() -> dict[str, object]:
     from django.conf import settings
 
     return dict(settings.INTENTQUEUE)
+
+
+def test_submit_intents_in_bulk_creates_and_queues_all() -> None:
+    from intentqueue.services import submit_intents
+
+    payloads = [make_payload() for _ in range(30)]
+    first = submit_intents(payloads[:10])
+    intents = submit_intents(payloads)  # the first ten exist already
+    assert [i.pk for i in intents[:10]] == [i.pk for i in first]
+    assert Intent.objects.count() == 30
+    assert QueueService().get_queue_metrics("intent-fulfillment")["waiting"] == 30
+
+
+def test_submit_intents_rejects_the_batch_naming_the_item() -> None:
+    from intentqueue.exceptions import InvalidPayloadError
+    from intentqueue.services import submit_intents
+
+    bad = make_payload()
+    bad["route"]["salt"] = "0x12"
+    with pytest.raises(InvalidPayloadError) as caught:
+        submit_intents([make_payload(), bad])
+    assert "[1].route.salt" in caught.value.errors
+    assert Intent.objects.count() == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import signal
 import subprocess
 import sys
@@ -185,7 +186,7 @@ def test_sigkill_mid_job_completes_elsewhere_without_using_an_attempt(
         intent = IntentFactory(strategy="scripted")
         victim = workers.start()
         wait_for(lambda: status_of(intent) == S.VALIDATING, timeout=20)
-        victim.send_signal(signal.SIGKILL)
+        os.kill(victim.pid, signal.SIGKILL)  # the worker only: its scheduler must notice
         victim.wait()
         workers.start()
         wait_for(lambda: status_of(intent) == S.VALIDATED, timeout=40)
@@ -208,8 +209,7 @@ def test_job_fails_as_stalled_after_max_stalled_count(workers: Workers) -> None:
                 ),
                 timeout=30,
             )
-            victim.send_signal(signal.SIGKILL)
-            victim.wait()
+            workers.kill(victim)
         workers.start()
         wait_for(lambda: status_of(intent) == S.FAILED, timeout=30)
     assert intent.last_error_type == "stalled"
