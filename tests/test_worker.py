@@ -200,15 +200,10 @@ def test_job_fails_as_stalled_after_max_stalled_count(workers: Workers) -> None:
     fast = {"stalled_interval": 1000, "lock_duration": 1000, "max_stalled_count": 1}
     with workers.configure(strategies=scripted(sleep_ms=60000), worker=fast):
         intent = IntentFactory(strategy="scripted")
-        for _ in range(2):
+        claims = intent.timeline.filter(to_status=S.VALIDATING, error="")
+        for kill in range(2):
             victim = workers.start()
-            claims = intent.timeline.filter(to_status=S.VALIDATING).count()
-            wait_for(
-                lambda claims=claims: (
-                    intent.timeline.filter(to_status=S.VALIDATING).count() > claims
-                ),
-                timeout=30,
-            )
+            wait_for(lambda kill=kill: claims.count() > kill, timeout=30)
             workers.kill(victim)
         workers.start()
         wait_for(lambda: status_of(intent) == S.FAILED, timeout=30)
