@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -143,6 +144,13 @@ INTENTQUEUE: dict[str, object] = {
     "redis": redis_settings,
     "metrics_token": os.environ.get("METRICS_TOKEN") or None,
 }
+# INTENTQUEUE_JSON: a JSON object laid over INTENTQUEUE (top-level keys replaced), for
+# deployments configured only through the environment.
+if os.environ.get("INTENTQUEUE_JSON"):
+    try:
+        INTENTQUEUE.update(json.loads(os.environ["INTENTQUEUE_JSON"]))
+    except (ValueError, TypeError) as error:
+        raise ImproperlyConfigured(f"INTENTQUEUE_JSON is not a JSON object: {error}") from error
 RQ_QUEUES = rq_queues(INTENTQUEUE, rq_connection)
 # Our worker (in-process jobs, priorities, pause, stalls) and job class (allow-list) are
 # what `manage.py rqworker <queue>` uses with no flags.
