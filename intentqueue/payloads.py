@@ -6,12 +6,13 @@ together as one ``InvalidPayloadError``; nothing is created from a payload with 
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
-from eth_utils import is_checksum_address, to_checksum_address
+from eth_utils import to_checksum_address
 
 from intentqueue.exceptions import InvalidPayloadError
 from intentqueue.hashing import intent_hash
@@ -24,12 +25,14 @@ MAX_ITEMS = 20
 MAX_CALL_DATA_BYTES = 8 * 1024
 #: Deadlines are uint64 on chain, stored as signed 64-bit integers here.
 MAX_DEADLINE = 2**63 - 1
-MAX_CHAIN_ID = 2**64 - 1
+#: Chain ids are uint64 in the hash but stored as signed 64-bit integers like deadlines.
+MAX_CHAIN_ID = 2**63 - 1
 UINT256_MAX = 2**256 - 1
 
 _HEX = re.compile(r"^0x[0-9a-fA-F]*$")
 _ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 _BYTES32 = re.compile(r"^0x[0-9a-fA-F]{64}$")
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
 _TEXT_FIELDS = {"strategy": 64, "correlationId": 128, "source": 64}
 _TOP_KEYS = {"intentHash", "sourceChainId", "destination", "route", "reward", "priority"}
 _TOP_KEYS |= set(_TEXT_FIELDS)
@@ -125,11 +128,12 @@ class _Parser:
             shown = _kind(value) if not isinstance(value, str) else repr(value[:50])
             self.fail(path, f"expected a 20-byte hex address (0x + 40 hex digits), got {shown}")
             return ""
+        checksummed = _checksummed(value.lower())
         mixed = value[2:] != value[2:].lower() and value[2:] != value[2:].upper()
-        if mixed and not is_checksum_address(value):
+        if mixed and value != checksummed:
             self.fail(path, f"bad EIP-55 checksum in {value}")
             return ""
-        return str(to_checksum_address(value))
+        return checksummed
 
     def bytes32(self, value: Any, path: str) -> str:
         if not isinstance(value, str) or not _BYTES32.match(value):
@@ -191,6 +195,9 @@ class _Parser:
         if len(value) > max_length:
             self.fail(path, f"at most {max_length} characters, got {len(value)}")
             return ""
+        if _UNSTORABLE.search(value):  # PostgreSQL refuses NUL; no database takes surrogates
+            self.fail(path, "contains a NUL character or an unpaired surrogate")
+            return ""
         return value
 
     def route(self, value: Any) -> dict[str, Any]:
@@ -225,6 +232,12 @@ class _Parser:
         }
 
 
+@functools.lru_cache(maxsize=4096)
+def _checksummed(address: str) -> str:
+    """EIP-55 form of a lower-case address (cached: tokens, portals and provers repeat)."""
+    return str(to_checksum_address(address))
+
+
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
@@ -248,7 +261,7 @@ def _decode(payload: Any) -> Any:
             )
         try:
             return json.loads(payload)
-        except (ValueError, UnicodeDecodeError) as error:
+        except (ValueError, UnicodeDecodeError, RecursionError) as error:  # deep nesting
             raise InvalidPayloadError({"payload": f"not valid JSON: {error}"}) from error
     try:
         size = len(json.dumps(payload, default=str))
