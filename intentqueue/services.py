@@ -114,13 +114,12 @@ def submit_intents(payloads: list[Any]) -> list[Intent]:
         created = Intent.objects.bulk_create(
             [Intent(**p.model_fields()) for p in fresh], batch_size=500
         )
-        transaction.on_commit(lambda: _enqueue_created([i.pk for i in created], carrier))
+        transaction.on_commit(lambda: _enqueue_created(created, carrier))
     by_hash = {**existing, **{i.hash: i for i in created}}
     return [by_hash[h] for h in hashes]
 
 
-def _enqueue_created(intent_ids: list[int], carrier: dict[str, str]) -> None:
-    intents = list(Intent.objects.filter(pk__in=intent_ids, status=IntentStatus.PENDING))
+def _enqueue_created(intents: list[Intent], carrier: dict[str, str]) -> None:
     try:
         QueueService().add_new_intents_to_fulfillment_queue(intents, trace_context=carrier)
     except RedisError as error:
