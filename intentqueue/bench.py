@@ -363,7 +363,9 @@ def _stage_latencies() -> dict[str, list[float]]:
     VALIDATED, EXECUTING -> FULFILLED)."""
     from intentqueue.models import IntentTransition
 
-    ends = {IntentStatus.VALIDATED: "fulfillment", IntentStatus.FULFILLED: "execution"}
+    ends: dict[str, str] = {
+        IntentStatus.VALIDATED: "fulfillment", IntentStatus.FULFILLED: "execution",
+    }  # fmt: skip
     claims = {"fulfillment": IntentStatus.VALIDATING, "execution": IntentStatus.EXECUTING}
     marks: dict[tuple[int, str], Any] = {}
     rows = IntentTransition.objects.filter(error="").values_list("intent_id", "to_status", "at")
@@ -420,8 +422,8 @@ def _new_intent() -> Intent:
         return submit_intent(_payloads(1)[0])
 
 
-def _rq_time(value: bytes | None) -> float:
+def _rq_time(value: bytes | str | None) -> float:
     from datetime import UTC, datetime
 
-    text = (value or b"").decode()
+    text = value.decode() if isinstance(value, bytes) else (value or "")
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from eth_account import Account
-from eth_utils import to_bytes
+from eth_utils import to_bytes, to_checksum_address
+from hexbytes import HexBytes
 from web3 import Web3
+from web3.types import Nonce, TxParams
 
 from intentqueue.chain.devchain import DevChainState, contract_artifact
 from intentqueue.hashing import reward_tuple, route_tuple
@@ -97,8 +99,12 @@ def publish_on_source(state: DevChainState, payloads: list[dict[str, Any]]) -> N
     source = state.source
     w3 = Web3(Web3.HTTPProvider(source.rpc_url, request_kwargs={"timeout": 30}))
     funder = Account.from_key(state.funder.private_key)
-    token = w3.eth.contract(address=source.token, abi=contract_artifact("TestToken")["abi"])
-    portal = w3.eth.contract(address=source.portal, abi=contract_artifact("Portal")["abi"])
+    token = w3.eth.contract(
+        address=to_checksum_address(source.token), abi=contract_artifact("TestToken")["abi"]
+    )
+    portal = w3.eth.contract(
+        address=to_checksum_address(source.portal), abi=contract_artifact("Portal")["abi"]
+    )
     total = sum(int(t["amount"]) for p in payloads for t in p["reward"]["tokens"])
     nonce = w3.eth.get_transaction_count(funder.address, "pending")
     calls = [
@@ -113,12 +119,13 @@ def publish_on_source(state: DevChainState, payloads: list[dict[str, Any]]) -> N
             for p in payloads
         ),
     ]
-    last = b""
+    last = HexBytes(b"")
     for offset, call in enumerate(calls):
-        transaction = call.build_transaction(
-            {"from": funder.address, "nonce": nonce + offset, "chainId": source.chain_id,
-             "gas": 1_500_000}
-        )  # fmt: skip
+        params: TxParams = {
+            "from": funder.address, "nonce": Nonce(nonce + offset),
+            "chainId": source.chain_id, "gas": 1_500_000,
+        }  # fmt: skip
+        transaction = call.build_transaction(params)
         signed = funder.sign_transaction(transaction)
         last = w3.eth.send_raw_transaction(signed.raw_transaction)
     receipt = w3.eth.wait_for_transaction_receipt(last, timeout=120)
@@ -134,7 +141,9 @@ def publish_demo_intents(state_file: Path, count: int, *, out: Writer) -> list[I
     payloads = demo_payloads(state, count, now)
     publish_on_source(state, payloads)
     intents = submit_intents(payloads)
-    portal = w3.eth.contract(address=state.source.portal, abi=contract_artifact("Portal")["abi"])
+    portal = w3.eth.contract(
+        address=to_checksum_address(state.source.portal), abi=contract_artifact("Portal")["abi"]
+    )
     funded = sum(
         1 for i in intents if portal.functions.isIntentFunded(to_bytes(hexstr=i.hash)).call()
     )

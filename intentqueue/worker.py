@@ -15,7 +15,9 @@ On top of RQ it adds, through RQ's extension points only:
   with every ``FAIRNESS_EVERY``-th dequeue taken lowest first so none starves;
 - per-queue pause, checked before and after each dequeue (short blocking waits);
 - a per-queue limit on job starts shared by all workers;
-- retention of completed and failed jobs, and the reconciler, in the maintenance step.
+- retention of completed and failed jobs, and the reconciler, in the maintenance step;
+- a job that cannot be read or finished goes to the dead-letter queue with the reason (a
+  queued id without a job hash is dropped with a warning); the worker carries on.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import redis
 from django.db import close_old_connections
 from rq import Queue
 from rq.defaults import DEFAULT_FAILURE_TTL, DEFAULT_LOGGING_DATE_FORMAT, DEFAULT_LOGGING_FORMAT
-from rq.exceptions import DequeueTimeout, DeserializationError, NoSuchJobError
+from rq.exceptions import DequeueTimeout, DeserializationError, NoSuchJobError, StopRequested
 from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job, JobStatus
 from rq.registry import clean_registries
@@ -181,6 +183,12 @@ class IntentWorker(SimpleWorker):
         with log_context(job_id=job.id, queue=queue.name), consumer_span(job, queue.name) as span:
             try:
                 super().execute_job(job, queue)
+            except (redis.ConnectionError, redis.TimeoutError, StopRequested):
+                raise  # RQ's own handling: the server or a shutdown, not this job
+            except Exception as error:
+                # RQ could not record the job's end (its failure handling writes the hash
+                # back, and a hand-written field can break that): never lose the worker.
+                self._abandon(job, queue, error)
             finally:
                 stop.set()
                 beat.join()
@@ -301,10 +309,18 @@ class IntentWorker(SimpleWorker):
             job.origin = queue.name
             return job, queue
 
-    def _set_aside(self, job_id: str, queue: Queue, reason: str) -> None:
-        """Put a job hash RQ cannot load in the dead-letter queue, written field by field
-        (it stays unreadable for RQ, but the dead-letter view and the reconciler read these
-        fields), or drop the id with a warning when there is no hash to keep."""
+    def _set_aside(
+        self,
+        job_id: str,
+        queue: Queue,
+        reason: str,
+        errors: list[Any] | None = None,
+        *,
+        count: bool = True,
+    ) -> None:
+        """Put a job RQ cannot load (or finish) in the dead-letter queue, written field by
+        field (RQ may still fail to load it, but the dead-letter view and the reconciler read
+        only these fields), or drop the id with a warning when there is no hash to keep."""
         reason = shown(reason, quote=False)
         key = Job.key_for(job_id)
         IntermediateQueue(queue.key, self.connection).remove(job_id)
@@ -312,9 +328,10 @@ class IntentWorker(SimpleWorker):
             logger.warning("dropped job %s from %s: %s", job_id, queue.name, reason)
             return
         at = _utcnow()
+        final = {"attempt": len(errors or []) + 1, "type": BadJobDataError.error_type,
+                 "message": reason, "at": at.isoformat(), "final": True}  # fmt: skip
         meta = {
-            "errors": [{"attempt": 1, "type": BadJobDataError.error_type, "message": reason,
-                        "at": at.isoformat(), "final": True}],
+            "errors": [*(errors or []), final],
             "failure_reason": BadJobDataError.error_type,
         }  # fmt: skip
         with self.connection.pipeline() as pipe:
@@ -325,16 +342,27 @@ class IntentWorker(SimpleWorker):
             pipe.expire(key, DEFAULT_FAILURE_TTL)
             pipe.zadd(queue.failed_job_registry.key, {job_id: time.time() + DEFAULT_FAILURE_TTL})
             stage_name = self._stage_of.get(queue.name)
-            if stage_name is not None:
+            if count and stage_name is not None:
                 record_job_end(
                     pipe, stage_name, outcome="failed", duration_ms=None, now=time.time(),
                     reason=fingerprint(BadJobDataError.error_type, reason),
                 )  # fmt: skip
             pipe.execute()
         logger.warning(
-            "job %s of %s cannot be read; moved to the dead-letter queue: %s",
-            job_id, queue.name, reason,
-        )  # fmt: skip
+            "job %s of %s moved to the dead-letter queue: %s", job_id, queue.name, reason
+        )
+
+    def _abandon(self, job: Job, queue: Queue, error: Exception) -> None:
+        """Set aside a job whose run RQ could not finish, keeping the errors recorded."""
+        logger.warning("job %s of %s could not be finished", job.id, queue.name, exc_info=True)
+        with self.connection.pipeline() as pipe:
+            self.cleanup_execution(job, pipeline=pipe)  # out of the started registry
+            pipe.execute()
+        reason = f"job could not be finished: {type(error).__name__}: {error}"
+        meta = job.meta if isinstance(job.meta, dict) else {}
+        errors = list(meta.get("errors") or [])[-19:]
+        self._set_aside(job.id, queue, reason, errors, count=False)  # _after_job counts it
+        job.outcome = "failed"  # type: ignore[attr-defined]
 
     def _readable(self, job: Job, queue: Queue) -> bool:
         """Whether ``job``'s data can be read; if not, it fails at once (never starts)."""
@@ -342,15 +370,23 @@ class IntentWorker(SimpleWorker):
             job.func_name  # noqa: B018  # reading it deserialises the data
         except DeserializationError as error:
             logger.warning("job %s of %s cannot be read: %s", job.id, queue.name, error)
-            job.ended_at = _utcnow()
-            handle_job_failure(job, error)  # our failure record, and no retry (bad job data)
-            job.retries_left = 0
-            exc_string = "".join(traceback.format_exception(error))
-            IntermediateQueue(queue.key, self.connection).remove(job.id)
-            self.handle_job_failure(job, queue, exc_string=exc_string)
-            self._after_job(job, queue)
+            try:
+                self._fail_unread(job, queue, error)
+            except (redis.ConnectionError, redis.TimeoutError):
+                raise
+            except Exception as failure:  # RQ could not write the hash back either
+                self._abandon(job, queue, failure)
             return False
         return True
+
+    def _fail_unread(self, job: Job, queue: Queue, error: DeserializationError) -> None:
+        job.ended_at = _utcnow()
+        handle_job_failure(job, error)  # our failure record, and no retry (bad job data)
+        job.retries_left = 0
+        exc_string = "".join(traceback.format_exception(error))
+        IntermediateQueue(queue.key, self.connection).remove(job.id)
+        self.handle_job_failure(job, queue, exc_string=exc_string)
+        self._after_job(job, queue)
 
     def _heartbeat_and_paused(self) -> set[str]:
         with self.connection.pipeline() as pipe:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import reprlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,20 @@ _METADATA_KEYS = {
 }  # fmt: skip
 #: Longest error message kept on the intent and in job meta.
 MAX_ERROR_LENGTH = 2000
+#: Intent ids are 64-bit database keys; a bigger number fails in the database driver.
+MAX_INTENT_ID = 2**63 - 1
+_REPR = reprlib.Repr(maxlevel=3, maxstring=60, maxother=60, maxlist=4, maxtuple=4, maxdict=4)
+
+
+def shown(value: Any, *, quote: bool = True) -> str:
+    """``value`` (its repr, or the text itself) cut short for an error message: job data
+    comes from Redis and can be megabytes long or nested thousands of levels deep."""
+    if not quote and isinstance(value, str):
+        return value if len(value) <= 120 else f"{value[:120]}...({len(value)} characters)"
+    try:
+        return _REPR.repr(value)
+    except ValueError:  # an integer with more digits than Python converts to text
+        return f"<{type(value).__name__} too long to show>"
 
 
 @dataclass(frozen=True)
@@ -72,17 +87,21 @@ class JobData:
             raise BadJobDataError(f"job data must be an object, got {type(raw).__name__}")
         unknown = set(raw) - {"intentId", "intentHash", "strategy", "walletType", "metadata"}
         if unknown:
-            raise BadJobDataError(f"job data has unknown keys: {sorted(unknown)}")
+            raise BadJobDataError(f"job data has unknown keys: {shown(sorted(unknown))}")
         intent_id, intent_hash = raw.get("intentId"), raw.get("intentHash")
-        if not isinstance(intent_id, int) or isinstance(intent_id, bool) or intent_id < 1:
-            raise BadJobDataError(f"intentId must be a positive integer, got {intent_id!r}")
+        if (
+            not isinstance(intent_id, int)
+            or isinstance(intent_id, bool)
+            or not 1 <= intent_id <= MAX_INTENT_ID
+        ):
+            raise BadJobDataError(f"intentId must be a positive integer, got {shown(intent_id)}")
         if not isinstance(intent_hash, str) or not _HASH.match(intent_hash):
             raise BadJobDataError("intentHash must be 0x + 64 lower-case hex digits")
         strategy, wallet = raw.get("strategy"), raw.get("walletType")
         if not isinstance(strategy, str) or not 0 < len(strategy) <= 64:
-            raise BadJobDataError(f"strategy must be a non-empty name, got {strategy!r}")
+            raise BadJobDataError(f"strategy must be a non-empty name, got {shown(strategy)}")
         if wallet is not None and (not isinstance(wallet, str) or len(wallet) > 64):
-            raise BadJobDataError(f"walletType must be a short string, got {wallet!r}")
+            raise BadJobDataError(f"walletType must be a short string, got {shown(wallet)}")
         metadata = raw.get("metadata", {})
         if not isinstance(metadata, dict) or set(metadata) - _METADATA_KEYS:
             raise BadJobDataError(f"metadata must be an object with keys {sorted(_METADATA_KEYS)}")
