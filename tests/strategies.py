@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 from intentqueue.exceptions import NetworkError, PermanentError, TransientError
 from intentqueue.models import Intent
 from intentqueue.strategies.base import Option, Strategy, ValidationReport, parse_int
+from intentqueue.strategies.standard import StandardStrategy
 
 ERRORS = {"transient": TransientError, "network": NetworkError, "permanent": PermanentError}
 
@@ -41,3 +42,12 @@ class ScriptedStrategy(Strategy):
                 raise RuntimeError(f"unexpected crash on run {runs}")
             raise ERRORS[kind](f"{kind} failure on run {runs}")
         return ValidationReport(strategy=self.name, passed=[], skipped=[], issues=[])
+
+
+class OffChainStandardStrategy(StandardStrategy):
+    """The standard strategy without its on-chain validations, for tests that configure
+    no chain (those validations are tested against dev chains in test_chain_validations)."""
+
+    validation_classes: ClassVar = tuple(
+        v for v in StandardStrategy.validation_classes if not v.on_chain
+    )
