@@ -14,6 +14,7 @@ from django.db import IntegrityError, transaction
 from redis import Redis
 from redis.exceptions import RedisError, WatchError
 from rq import Callback, Queue
+from rq.exceptions import DeserializationError, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import (
     FailedJobRegistry,
@@ -494,8 +495,10 @@ class QueueService:
     ) -> bool:
         """Re-run one failed job: its intent goes back to the stage's start (recorded on
         the timeline) and gets a fresh job. False if the job is not in the queue's DLQ."""
-        job, intent = self._failed_job(target, job_id, rq_name)
-        if job is None:
+        registry, job, intent = self._failed_job(target, job_id, rq_name)
+        if job is None:  # not in the DLQ, or its job cannot be read any more
+            if registry is not None:
+                logger.warning("not retrying %s: its job data is gone or unreadable", job_id)
             return False
         if intent is None:  # not an intent job (or its intent is gone): plain RQ requeue
             FailedJobRegistry(job.origin, connection=self.connection).requeue(job)
@@ -518,9 +521,14 @@ class QueueService:
     def _delete_failed(
         self, target: Stage, job_id: str, rq_name: str | None, actor: str = "system"
     ) -> int:
-        job, intent = self._failed_job(target, job_id, rq_name)
-        if job is None:
+        registry, job, intent = self._failed_job(target, job_id, rq_name)
+        if registry is None:
             return 0
+        if job is None:  # expired or unreadable job data: drop the dangling entry
+            with self.connection.pipeline() as pipe:
+                _forget_old_run(pipe, job_id, registry)
+                pipe.execute()
+            return 1
         if intent is not None and intent.status not in (
             IntentStatus.FAILED,
             IntentStatus.FULFILLED,
@@ -534,19 +542,25 @@ class QueueService:
 
     def _failed_job(
         self, target: Stage, job_id: str, rq_name: str | None
-    ) -> tuple[Job | None, Intent | None]:
+    ) -> tuple[str | None, Job | None, Intent | None]:
+        """(RQ queue whose DLQ holds ``job_id``, the job if it can be read, its intent)."""
         names = [rq_name] if rq_name else target.rq_names
         for name in names:
             if self.connection.zscore(f"rq:failed:{name}", job_id) is None:
                 continue
-            job = Job.fetch(job_id, connection=self.connection, serializer=JSONSerializer)
             try:
+                job = Job.fetch(job_id, connection=self.connection, serializer=JSONSerializer)
                 data = JobData.parse(job.args[0] if job.args else None)
-            except (BadJobDataError, ValueError, TypeError):
-                return job, None
+            except NoSuchJobError:
+                return name, None, None
+            except (BadJobDataError, DeserializationError, ValueError, TypeError, KeyError):
+                try:
+                    return name, Job.fetch(job_id, self.connection, JSONSerializer), None
+                except Exception:  # set aside because RQ cannot load it at all
+                    return name, None, None
             intent = Intent.objects.filter(pk=data.intent_id, hash=data.intent_hash).first()
-            return job, intent
-        return None, None
+            return name, job, intent
+        return None, None, None
 
 
 def _forget_old_run(pipe: Any, job_id: str, origin: str) -> None:

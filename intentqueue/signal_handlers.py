@@ -62,3 +62,6 @@ def enable_sqlite_wal(sender: Any, using: str = "default", **kwargs: Any) -> Non
     if conn.vendor == "sqlite" and not conn.is_in_memory_db():  # type: ignore[attr-defined]
         with conn.cursor() as cursor:
             cursor.execute("PRAGMA journal_mode=WAL")
+            # Statistics for the planner: without them filtered lists over many intents
+            # pick poor indexes (the workers refresh them in their maintenance step).
+            cursor.execute("PRAGMA optimize")

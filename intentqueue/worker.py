@@ -22,6 +22,7 @@ On top of RQ it adds, through RQ's extension points only:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import redis
-from django.db import close_old_connections
+from django.db import DatabaseError, close_old_connections, connection
 from rq import Queue
 from rq.defaults import DEFAULT_FAILURE_TTL, DEFAULT_LOGGING_DATE_FORMAT, DEFAULT_LOGGING_FORMAT
 from rq.exceptions import DequeueTimeout, DeserializationError, NoSuchJobError, StopRequested
@@ -461,10 +462,13 @@ class IntentWorker(SimpleWorker):
         self.last_cleaned_at = _utcnow()
 
     def run_maintenance_tasks(self) -> None:
-        """RQ's maintenance, then retention and the reconciler."""
+        """RQ's maintenance, then retention, the reconciler and SQLite's statistics."""
         super().run_maintenance_tasks()
         self._trim()
         self._reconcile()
+        if connection.vendor == "sqlite":
+            with contextlib.suppress(DatabaseError), connection.cursor() as cursor:
+                cursor.execute("PRAGMA optimize")
 
     def _trim(self) -> None:
         try:

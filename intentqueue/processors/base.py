@@ -212,6 +212,7 @@ def handle_job_failure(job: Job, error: BaseException) -> None:
         _schedule_recheck(job, error)
         job.outcome = "recheck"  # type: ignore[attr-defined]  # read by the worker's metrics
         return
+    context = context_of(job)  # before the retry bookkeeping below changes the attempt
     stalled = isinstance(error, AbandonedJobError)
     if stalled:
         stalls = int(job.meta.get("stalled_count", 0)) + 1
@@ -233,7 +234,7 @@ def handle_job_failure(job: Job, error: BaseException) -> None:
     if stalled and not isinstance(error, StalledJobError):
         message, error_type = "worker died while running the job; re-queued", "stalled"
     job.meta.setdefault("errors", []).append(
-        {"attempt": attempt_of(job), "type": error_type, "message": message,
+        {"attempt": context.attempt, "type": error_type, "message": message,
          "at": timezone.now().isoformat(), "final": final}
     )  # fmt: skip
     job.meta["errors"] = job.meta["errors"][-20:]
@@ -243,10 +244,12 @@ def handle_job_failure(job: Job, error: BaseException) -> None:
     # Read by the worker's metrics once RQ is done with the job (same object, in-process).
     job.outcome = "failed" if final else ("stalled" if stalled else "retried")  # type: ignore[attr-defined]
     job.failure_fingerprint = fingerprint(error_type, message) if final else None  # type: ignore[attr-defined]
-    _record_on_intent(job, message, error_type, final=final)
+    _record_on_intent(job, context, message, error_type, final=final)
 
 
-def _record_on_intent(job: Job, message: str, error_type: str, *, final: bool) -> None:
+def _record_on_intent(
+    job: Job, job_context: JobContext, message: str, error_type: str, *, final: bool
+) -> None:
     try:
         data = JobData.parse(job.args[0] if job.args else None)
     except BadJobDataError:
@@ -254,7 +257,7 @@ def _record_on_intent(job: Job, message: str, error_type: str, *, final: bool) -
     intent = Intent.objects.filter(pk=data.intent_id, hash=data.intent_hash).first()
     if intent is None:
         return
-    context = context_of(job).as_kwargs()
+    context = job_context.as_kwargs()
     if not final:
         intent.record_attempt_error(message, error_type, **context)
         return
