@@ -124,6 +124,16 @@ class WorkerConfig:
 
 
 @dataclass(frozen=True)
+class ProcessorsConfig:
+    """The processor class (dotted path) that runs each stage's jobs."""
+
+    #: Validates intents with their strategy.
+    fulfillment: str = "intentqueue.processors.fulfillment.FulfillmentProcessor"
+    #: Executes validated intents on their destination chain.
+    execution: str = "intentqueue.processors.execution.BlockchainProcessor"
+
+
+@dataclass(frozen=True)
 class HealthConfig:
     """When the queues count as healthy (see ``intentqueue.health``)."""
 
@@ -147,6 +157,8 @@ class IntentQueueSettings:
     worker: WorkerConfig
     #: Health rules.
     health: HealthConfig = field(default_factory=HealthConfig)
+    #: Processor classes per stage.
+    processors: ProcessorsConfig = field(default_factory=ProcessorsConfig)
     #: Fulfillment jobs one ``metadata.source`` (client) may enqueue per window; more are
     #: rejected with ``EnqueueRateLimitedError`` (off by default).
     enqueue_limit: LimiterConfig = field(default_factory=LimiterConfig)
@@ -227,6 +239,10 @@ DEFAULTS: dict[str, Any] = {
         "lock_duration": 30000,
     },
     "health": {"max_waiting_age": 300, "require_workers": True, "max_memory_ratio": 0.8},
+    "processors": {
+        "fulfillment": "intentqueue.processors.fulfillment.FulfillmentProcessor",
+        "execution": "intentqueue.processors.execution.BlockchainProcessor",
+    },
     "enqueue_limit": {"max": 0, "duration": 60000},
     "strategies": {
         "standard": {

@@ -5,16 +5,19 @@
 from __future__ import annotations
 
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis import Redis
 from rq import get_current_job
 from rq.exceptions import DeserializationError
 from rq.job import Job
 
-from intentqueue.exceptions import BadJobDataError
+from intentqueue.exceptions import BadJobDataError, PermanentError
 from intentqueue.processors.base import handle_job_failure, shown
 from intentqueue.tracing import META_KEY
+
+if TYPE_CHECKING:
+    from intentqueue.processors.base import Processor
 
 FULFILLMENT_FUNC = "intentqueue.jobs.run_fulfillment"
 EXECUTION_FUNC = "intentqueue.jobs.run_execution"
@@ -35,18 +38,31 @@ class UnreadableJobError(BadJobDataError, DeserializationError):
     ``DeserializationError``, our failure handling as bad job data (no retry)."""
 
 
+def _processor(stage_key: str) -> type[Processor]:
+    """The configured processor class of a stage (``INTENTQUEUE.processors``)."""
+    from django.utils.module_loading import import_string
+
+    from intentqueue.conf import intentqueue_settings
+    from intentqueue.processors.base import Processor
+
+    path = getattr(intentqueue_settings.processors, stage_key)
+    try:
+        cls = import_string(path)
+    except ImportError as error:
+        raise PermanentError(f"INTENTQUEUE.processors.{stage_key}: {error}") from error
+    if not (isinstance(cls, type) and issubclass(cls, Processor)):
+        raise PermanentError(f"INTENTQUEUE.processors.{stage_key}: {path} is not a Processor")
+    return cls
+
+
 def run_fulfillment(data: Any) -> dict[str, Any]:
     """Validate an intent (FulfillmentJob)."""
-    from intentqueue.processors.fulfillment import FulfillmentProcessor
-
-    return FulfillmentProcessor(get_current_job()).process(data)
+    return _processor("fulfillment")(get_current_job()).process(data)
 
 
 def run_execution(data: Any) -> dict[str, Any]:
     """Execute a validated intent on its destination chain (ExecutionJob)."""
-    from intentqueue.processors.execution import BlockchainProcessor
-
-    return BlockchainProcessor(get_current_job()).process(data)
+    return _processor("execution")(get_current_job()).process(data)
 
 
 def on_job_failure(
