@@ -67,3 +67,15 @@ def check_redis_memory_policy(app_configs: Any = None, **kwargs: Any) -> list[ch
         checks.Warning(f"Redis {problem}", id="intentqueue.W001")
         for problem in memory_problems(memory)
     ]
+
+
+@checks.register(checks.Tags.compatibility)
+def check_chain_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """Every entry of ``INTENTQUEUE["chains"]`` must name an RPC URL and a portal."""
+    from intentqueue.chain.config import check_chains
+
+    try:
+        problems = check_chains()
+    except ImproperlyConfigured:  # the INTENTQUEUE setting itself is broken: E001 says so
+        return []
+    return [checks.Error(problem, id="intentqueue.E010") for problem in problems]

@@ -302,3 +302,8 @@ class OperatorAction(models.Model):
 
     def __str__(self) -> str:
         return f"{self.actor} {self.action} {self.queue} ({self.count})"
+
+
+# The execution stage's models live with the chain code; importing them here registers
+# them with the app.
+from intentqueue.chain.models import ChainTransaction, SignerNonce  # noqa: E402, F401

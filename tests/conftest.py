@@ -19,6 +19,9 @@ from django.test import override_settings
 
 from intentqueue.conf import rq_queues
 
+#: Chain fixtures (dev chains, anvil, a funded solver) for the execution tests.
+pytest_plugins = ("tests.chainkit",)
+
 #: Database indexes the suite may flush; 0 (where apps usually live) is never touched.
 TEST_REDIS_DB = int(os.environ.get("TEST_REDIS_DB", "15"))
 

@@ -28,7 +28,8 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
 SCRIPTED_FAILING = {
     "standard": {
-        "class": "intentqueue.strategies.standard.StandardStrategy",
+        # No on-chain validations: these workers are configured with no chain to read.
+        "class": "tests.strategies.OffChainStandardStrategy",
         "options": {"supported_chains": [1, 10]},
     },
     "failing": {

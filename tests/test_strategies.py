@@ -36,6 +36,7 @@ from intentqueue.strategies.validations import (
     decode_transfer,
 )
 from tests.factories import PROVER, RECIPIENT, TOKEN, IntentFactory, transfer_data
+from tests.strategies import OffChainStandardStrategy
 
 pytestmark = pytest.mark.django_db
 
@@ -44,9 +45,10 @@ STANDARD = "intentqueue.strategies.standard.StandardStrategy"
 
 
 def standard(**options: Any) -> StandardStrategy:
-    """The standard strategy serving chains 1 and 10 unless told otherwise."""
+    """The standard strategy serving chains 1 and 10 unless told otherwise, without its
+    on-chain validations: these tests configure no chain to read."""
     options.setdefault("supported_chains", [1, 10])
-    return StandardStrategy("standard", options)
+    return OffChainStandardStrategy("standard", options)
 
 
 def issues(validation: type[Validation], intent: Intent, **options: Any) -> list[Issue]:
@@ -104,10 +106,10 @@ class RpcTimeout(Validation):
         raise TransientError("rpc timeout")
 
 
-class FundedStandardStrategy(StandardStrategy):
+class FundedStandardStrategy(OffChainStandardStrategy):
     """The standard checks plus the (temporary) funding check."""
 
-    validation_classes: ClassVar = (*StandardStrategy.validation_classes, FundingNotSeen)
+    validation_classes: ClassVar = (*OffChainStandardStrategy.validation_classes, FundingNotSeen)
 
 
 class ChainOnlyStrategy(Strategy):

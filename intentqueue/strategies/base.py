@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
 from enum import StrEnum
@@ -449,26 +450,41 @@ class Strategy(ABC):
         """Run the validations and collect every issue; raises nothing for issues.
 
         ``quote`` skips validations flagged ``skip_in_quote``; ``on_chain=False`` skips
-        those that read a chain.
+        those that read a chain. The on-chain ones run concurrently, in threads (each
+        mostly waits on RPC), while the others run here; the report lists everything in
+        the order of ``validations()``.
         """
-        passed: list[str] = []
         skipped: list[str] = []
-        issues: list[Issue] = []
+        to_run: list[Validation] = []
         for validation in self.validations():
             if (quote and validation.skip_in_quote) or (validation.on_chain and not on_chain):
                 skipped.append(validation.name)
-                continue
-            try:
-                found = validation.check(intent, self)
-            except ValidationFailed as error:
-                found = [validation.issue(reason) for reason in error.reasons]
-            except TransientError as error:
-                found = [validation.issue(str(error), IssueKind.TEMPORARY)]
-            if found:
-                issues.extend(found)
             else:
-                passed.append(validation.name)
+                to_run.append(validation)
+        remote = [v for v in to_run if v.on_chain]
+        found: dict[int, list[Issue]] = {}
+        with ThreadPoolExecutor(
+            max_workers=max(1, len(remote)), thread_name_prefix="validation"
+        ) as pool:
+            futures = {id(v): pool.submit(self._issues_of, v, intent) for v in remote}
+            for validation in to_run:
+                if not validation.on_chain:
+                    found[id(validation)] = self._issues_of(validation, intent)
+            for validation in remote:  # raises the first error of a remote check, in order
+                found[id(validation)] = futures[id(validation)].result()
+        passed = [v.name for v in to_run if not found[id(v)]]
+        issues = [issue for v in to_run for issue in found[id(v)]]
         return ValidationReport(self.name, tuple(passed), tuple(skipped), tuple(issues))
+
+    def _issues_of(self, validation: Validation, intent: Intent) -> list[Issue]:
+        """The issues one validation finds; ``ValidationFailed`` and ``TransientError``
+        become issues, other exceptions propagate."""
+        try:
+            return list(validation.check(intent, self))
+        except ValidationFailed as error:
+            return [validation.issue(reason) for reason in error.reasons]
+        except TransientError as error:
+            return [validation.issue(str(error), IssueKind.TEMPORARY)]
 
     def validate(self, intent: Intent, *, on_chain: bool = True) -> ValidationReport:
         """Run every validation; raise if any found an issue, else return the report.

@@ -12,6 +12,11 @@ Options (all optional), under ``INTENTQUEUE["strategies"]["standard"]["options"]
 | ``allowed_tokens``      | ``{"<dst chain id>": [token, ...]}``; default any token     |
 | ``token_limits``        | ``{token: max route amount}``; default no limit             |
 | ``allowed_provers``     | ``[prover, ...]``; default any prover                       |
+| ``wallet_type``         | wallet whose balance is checked; default ``basic``          |
+
+Besides the off-chain checks it runs the on-chain ones of ``onchain``: the reward is
+funded on the source chain, the solver holds the route on the destination chain, and
+the route names the destination's portal (and prover and tokens, when configured).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar
 
-from intentqueue.strategies import validations
+from intentqueue.strategies import onchain, validations
 from intentqueue.strategies.base import Strategy, Validation
 
 if TYPE_CHECKING:
@@ -27,7 +32,7 @@ if TYPE_CHECKING:
 
 
 class StandardStrategy(Strategy):
-    """Accepts any intent and runs the original standard strategy's off-chain checks."""
+    """Accepts any intent and runs the original standard strategy's checks."""
 
     supports_quote = True
     supports_native_value = False
@@ -41,6 +46,9 @@ class StandardStrategy(Strategy):
         validations.AmountLimits,
         validations.ProverAllowed,
         validations.Profitable,
+        onchain.IntentFunded,
+        onchain.SolverBalance,
+        onchain.PortalSupported,
     )
 
     def can_handle(self, intent: Intent) -> bool:
