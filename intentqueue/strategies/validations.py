@@ -14,7 +14,6 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from intentqueue.conf import intentqueue_settings
 from intentqueue.strategies.base import (
     Issue,
     Option,
@@ -103,8 +102,11 @@ def parse_addresses(value: Any) -> frozenset[str]:
 
 
 def configured_chain_ids() -> set[int]:
-    """The chain ids configured in ``INTENTQUEUE["chains"]`` (keys are decimal strings)."""
-    return {int(key) for key in intentqueue_settings.chains if str(key).isdigit()}
+    """The ids of every configured chain: ``INTENTQUEUE["chains"]`` and the dev chain state
+    file (``intentqueue.chain.config``)."""
+    from intentqueue.chain.config import configured_chain_ids as chain_ids
+
+    return chain_ids()
 
 
 # --- validations -----------------------------------------------------------------------
