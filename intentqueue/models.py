@@ -5,33 +5,22 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models, transaction
 from django.utils import timezone
 
 from intentqueue.exceptions import IllegalTransitionError
+from intentqueue.fields import Uint256Field
 from intentqueue.querysets import IntentQuerySet
 from intentqueue.status import ALLOWED_SOURCES, IntentStatus
 
-UINT256_MAX = 2**256 - 1
 UINT64_MAX = 2**64 - 1
 
 
-class Uint256Field(models.DecimalField):
-    """An unsigned 256-bit integer, stored exactly as ``NUMERIC(78, 0)``."""
+def default_strategy() -> str:
+    """The strategy of intents that name none (``INTENTQUEUE.default_strategy``)."""
+    from intentqueue.conf import intentqueue_settings
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("max_digits", 78)
-        kwargs.setdefault("decimal_places", 0)
-        kwargs.setdefault("default", 0)
-        kwargs.setdefault("validators", [MinValueValidator(0), MaxValueValidator(UINT256_MAX)])
-        super().__init__(*args, **kwargs)
-
-    def deconstruct(self) -> Any:
-        name, path, args, kwargs = super().deconstruct()
-        for key in ("max_digits", "decimal_places", "validators"):
-            kwargs.pop(key, None)
-        return name, path, args, kwargs
+    return intentqueue_settings.default_strategy
 
 
 class Intent(models.Model):
@@ -62,7 +51,7 @@ class Intent(models.Model):
     status = models.CharField(
         max_length=16, choices=IntentStatus.choices, default=IntentStatus.PENDING
     )
-    strategy = models.CharField(max_length=64, default="standard")
+    strategy = models.CharField(max_length=64, default=default_strategy)
     priority = models.PositiveSmallIntegerField(
         default=10, help_text="Lower runs sooner (1 = high, 10 = normal)."
     )
@@ -274,6 +263,8 @@ class OperatorAction(models.Model):
         RETRY_JOB = "retry_job", "Retry one job"
         DELETE_JOB = "delete_job", "Delete one job"
         RETRY_INTENT = "retry_intent", "Retry intent"
+        BREAKER_OPEN = "breaker_open", "Open circuit breaker"
+        BREAKER_CLOSE = "breaker_close", "Close circuit breaker"
 
     class Outcome(models.TextChoices):
         """Whether it worked."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from django.db import connection, transaction
+from django.db import transaction
 from eth_utils import to_checksum_address
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -46,8 +46,6 @@ PROPERTIES = settings(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 HASH = re.compile(r"^0x[0-9a-f]{64}$")
-#: Largest integer SQLite stores exactly in a NUMERIC column (above it: a float).
-SQLITE_EXACT = 2**63 - 1
 #: A field path as the parser writes it: ``route.tokens[1].amount``.
 PATH = re.compile(r"^[A-Za-z_]\w*(\[\d+\])?(\.\w+(\[\d+\])?)*$")
 
@@ -234,15 +232,12 @@ def test_submit_intent_stores_exact_amounts(case: tuple[Values, dict[str, Any]])
         assert (stored.route_deadline, stored.reward_deadline) == (
             intent.route_deadline, intent.reward_deadline,
         )  # fmt: skip
-        # NUMERIC(78, 0): the exact integer, not a float's approximation (SQLite keeps
-        # only 64-bit integers exactly: see test_uint256_max_round_trips_exactly).
+        # The exact integer, never a float's approximation, on every database.
         for kept, sent in (
             (stored.route_native_amount, intent.route_native),
             (stored.reward_native_amount, intent.reward_native),
         ):
-            if sent <= SQLITE_EXACT or connection.vendor != "sqlite":
-                assert int(kept) == sent
-                assert str(kept) == str(sent)
+            assert kept == sent and isinstance(kept, int)
 
         def tokens(items: list[tuple[bytes, int]]) -> list[dict[str, str]]:
             return [{"token": write_address(t, "checksum"), "amount": str(a)} for t, a in items]
@@ -263,8 +258,6 @@ def test_submit_intent_stores_exact_amounts(case: tuple[Values, dict[str, Any]])
 
 @pytest.mark.parametrize("amount", [2**63, 2**128 + 1, UINT256_MAX])
 def test_uint256_max_round_trips_exactly(amount: int) -> None:
-    if connection.vendor == "sqlite":
-        pytest.xfail("SQLite stores NUMERIC values above 2**63 as floats (15 digits)")
     payload = Values(
         1, 10, b"\x01" * 32, 100, b"\x11" * 20, amount, [], [], 200, b"\x33" * 20,
         b"\x44" * 20, amount, [], {},

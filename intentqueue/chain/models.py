@@ -15,6 +15,8 @@ from __future__ import annotations
 from django.db import models
 from django.utils import timezone
 
+from intentqueue.fields import Uint256Field
+
 
 class SignerNonce(models.Model):
     """The next nonce the solver will use for ``address`` on ``chain_id``."""
@@ -81,11 +83,11 @@ class ChainTransaction(models.Model):
     tx_hash = models.CharField(max_length=66, unique=True)
     raw = models.TextField(help_text="The signed bytes, 0x hex: broadcast again as they are.")
     to_address = models.CharField(max_length=42)
-    value = models.DecimalField(max_digits=78, decimal_places=0, default=0)
+    value = Uint256Field(default=0)
     data = models.TextField(blank=True, help_text="Calldata, 0x hex.")
     gas_limit = models.PositiveBigIntegerField()
-    max_fee_per_gas = models.DecimalField(max_digits=78, decimal_places=0)
-    max_priority_fee_per_gas = models.DecimalField(max_digits=78, decimal_places=0)
+    max_fee_per_gas = Uint256Field()
+    max_priority_fee_per_gas = Uint256Field()
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.SIGNED)
     block_number = models.PositiveBigIntegerField(null=True, blank=True)
     block_hash = models.CharField(max_length=66, blank=True)
