@@ -36,6 +36,7 @@ from django.conf import settings
 from django.db import connection, transaction
 from tqdm import tqdm
 
+from intentqueue.bench_jobs import noop_first
 from intentqueue.conf import rq_queues
 from intentqueue.models import Intent
 from intentqueue.processors.base import JobData, Processor
@@ -66,21 +67,6 @@ class NoopExecutionProcessor(Processor):
         intent.start_execution(attempts=self.context.attempt, **context)
         intent.mark_fulfilled("0x" + "00" * 32, **context)
         return {"status": IntentStatus.FULFILLED}
-
-
-def noop_job() -> None:
-    """The baseline's second job: does nothing."""
-
-
-def noop_first(next_queue: str) -> None:
-    """The baseline's first job: enqueues the second on ``next_queue`` (like a stage)."""
-    from rq import Queue, get_current_job
-
-    job = get_current_job()
-    assert job is not None
-    Queue(next_queue, connection=job.connection, serializer=job.serializer).enqueue(
-        noop_job, result_ttl=60
-    )
 
 
 def percentile(values: list[float], share: float) -> float:
