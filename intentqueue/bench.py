@@ -260,7 +260,7 @@ class Bench:
             pipe.execute()
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         worker = [
-            sys.executable, "-m", "rq.cli", "worker", "--url", self.redis_url, "--burst",
+            sys.executable, "-m", "rq.cli", "worker", "--url", self.redis_url,
             "-w", "rq.worker.SimpleWorker", "--serializer", "rq.serializers.JSONSerializer",
             "-q",
         ]  # fmt: skip
@@ -268,8 +268,12 @@ class Bench:
         procs = []
         for queue in ("bench-a", "bench-b"):
             for _ in range(workers):
-                procs.append(subprocess.Popen([*worker, queue], cwd=ROOT, env=env))
-                # bench-b's workers start with work already waiting only if a-workers lead
+                procs.append(
+                    subprocess.Popen(
+                        [*worker, queue], cwd=ROOT, env=env,
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    )
+                )  # fmt: skip
         finished = "rq:finished:bench-b"
         self.wait(lambda: int(self.redis.zcard(finished)), count, "baseline", timeout=600)
         elapsed = time.perf_counter() - started
