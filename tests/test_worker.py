@@ -319,3 +319,24 @@ def test_rq_info_and_django_rq_show_our_queues(workers: Workers, admin_user: obj
     index = get_queues_map()["intent-fulfillment-p1"]
     jobs_page = client.get(f"/admin/rq/queues/{index}/")
     assert jobs_page.status_code == 200 and job_id in jobs_page.text
+
+
+def test_queue_limiter_caps_job_starts_across_workers(workers: Workers) -> None:
+    from collections import Counter
+    from datetime import datetime
+
+    limiter = {"fulfillment": {"limiter": {"max": 3, "duration": 1000}}}
+    with workers.configure(queues=limiter):
+        with transaction.atomic():
+            intents = IntentFactory.create_batch(9)
+        workers.start()
+        workers.start()
+        wait_for(lambda: all(status_of(i) == S.VALIDATED for i in intents), timeout=40)
+    connection = QueueService().connection
+    starts = []
+    for intent in intents:
+        raw = connection.hget(f"rq:job:{job_id_for('fulfillment', intent.hash)}", "started_at")
+        starts.append(datetime.strptime(raw.decode(), "%Y-%m-%dT%H:%M:%S.%fZ").timestamp())
+    per_window = Counter(int(start) for start in starts)  # the limiter's 1 s windows
+    assert max(per_window.values()) <= 3, per_window
+    assert max(starts) - min(starts) >= 1.5  # 9 starts at 3 a second span 3 windows
