@@ -481,6 +481,18 @@ class QueueConsoleMixin(_Base):
                 {"action": "resume"},
                 name="intentqueue_queue_resume",
             ),
+            path(
+                "queues/breakers/<str:chain_id>/open/",
+                wrap(self.breaker_view),
+                {"action": "open"},
+                name="intentqueue_breaker_open",
+            ),
+            path(
+                "queues/breakers/<str:chain_id>/close/",
+                wrap(self.breaker_view),
+                {"action": "close"},
+                name="intentqueue_breaker_close",
+            ),
             path("queues/<str:queue>/dead-letter/", wrap(self.dlq_view), name="intentqueue_dlq"),
             path(
                 "queues/<str:queue>/dead-letter/sync.json",
@@ -562,7 +574,14 @@ class QueueConsoleMixin(_Base):
     def queues_view(self, request: HttpRequest) -> HttpResponse:
         """A card per queue: counts, rates, chart, and the controls the user may use."""
         self._require(request)
-        cards, error = queue_cards(self._service())
+        service = self._service()
+        cards, error = queue_cards(service)
+        try:
+            breakers = [
+                {"chain_id": chain_id, **state} for chain_id, state in service.breakers().items()
+            ]
+        except RedisError:
+            breakers = []
         return self._render(
             request,
             "queues.html",
@@ -570,6 +589,7 @@ class QueueConsoleMixin(_Base):
                 request,
                 _("Queues"),
                 cards=cards,
+                breakers=breakers,
                 redis_error=error,
                 refresh_seconds=REFRESH_SECONDS,
             ),
@@ -648,6 +668,58 @@ class QueueConsoleMixin(_Base):
                 reason_required=False,
                 run=resume,
                 button=_("Resume the queue"),
+            )
+        return self._confirm(request, target, operation, back=reverse("admin:intentqueue_queues"))
+
+    def breaker_view(self, request: HttpRequest, chain_id: str, action: str) -> HttpResponse:
+        """Open or close a chain's circuit breaker by hand, after confirmation."""
+        self._require(request, PERM_PAUSE)
+        if not chain_id.isdigit():
+            raise Http404(f"not a chain id: {chain_id[:40]}")
+        service = self._service()
+        target = stage("execution")
+        if action == "open":
+
+            def run_open(actor: str, reason: str) -> str:
+                service.open_breaker(chain_id, actor=actor, reason=reason)
+                return _("Opened the circuit of chain %(chain)s.") % {"chain": chain_id}
+
+            operation = Operation(
+                title=_("Open the circuit of chain %(chain)s") % {"chain": chain_id},
+                summary=[
+                    _(
+                        "Execution jobs for chain %(chain)s are held (no attempt is used) "
+                        "until the circuit is closed by hand; other chains keep running."
+                    )
+                    % {"chain": chain_id}
+                ],
+                touches=0,
+                permission=PERM_PAUSE,
+                reason_required=False,
+                run=run_open,
+                danger=True,
+                button=_("Open the circuit"),
+            )
+        else:
+
+            def run_close(actor: str, reason: str) -> str:
+                service.close_breaker(chain_id, actor=actor, reason=reason)
+                return _("Closed the circuit of chain %(chain)s.") % {"chain": chain_id}
+
+            operation = Operation(
+                title=_("Close the circuit of chain %(chain)s") % {"chain": chain_id},
+                summary=[
+                    _(
+                        "Execution jobs for chain %(chain)s run again and its failure count "
+                        "starts from zero."
+                    )
+                    % {"chain": chain_id}
+                ],
+                touches=0,
+                permission=PERM_PAUSE,
+                reason_required=False,
+                run=run_close,
+                button=_("Close the circuit"),
             )
         return self._confirm(request, target, operation, back=reverse("admin:intentqueue_queues"))
 

@@ -79,3 +79,12 @@ def check_chain_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.
     except ImproperlyConfigured:  # the INTENTQUEUE setting itself is broken: E001 says so
         return []
     return [checks.Error(problem, id="intentqueue.E010") for problem in problems]
+
+
+@checks.register(checks.Tags.security)
+def check_solver_keystore(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """``SOLVER_KEYSTORE``, when set, must unlock with its password (a wrong password
+    stops a worker at start rather than failing every execution job)."""
+    from intentqueue.chain.wallets import check_keystore
+
+    return [checks.Error(problem, id="intentqueue.E011") for problem in check_keystore()]

@@ -97,6 +97,19 @@ class LimiterConfig:
 
 
 @dataclass(frozen=True)
+class BreakersConfig:
+    """Protective controls of the execution stage, per destination chain
+    (``intentqueue.breakers``)."""
+
+    #: Consecutive RPC network failures of a chain that open its circuit.
+    failure_threshold: int = 5
+    #: Milliseconds an open circuit holds its chain's jobs before one probe is let through.
+    cooldown: int = 30000
+    #: Execution jobs of one chain running at once, across all workers (0: no bound).
+    max_in_flight_per_chain: int = 3
+
+
+@dataclass(frozen=True)
 class QueueConfig:
     """One queue: its RQ name, how many workers serve it, and its job defaults."""
 
@@ -159,6 +172,8 @@ class IntentQueueSettings:
     health: HealthConfig = field(default_factory=HealthConfig)
     #: Processor classes per stage.
     processors: ProcessorsConfig = field(default_factory=ProcessorsConfig)
+    #: Circuit breakers and in-flight bounds per destination chain.
+    breakers: BreakersConfig = field(default_factory=BreakersConfig)
     #: Fulfillment jobs one ``metadata.source`` (client) may enqueue per window; more are
     #: rejected with ``EnqueueRateLimitedError`` (off by default).
     enqueue_limit: LimiterConfig = field(default_factory=LimiterConfig)
@@ -244,6 +259,7 @@ DEFAULTS: dict[str, Any] = {
         "execution": "intentqueue.processors.execution.BlockchainProcessor",
     },
     "enqueue_limit": {"max": 0, "duration": 60000},
+    "breakers": {"failure_threshold": 5, "cooldown": 30000, "max_in_flight_per_chain": 3},
     "strategies": {
         "standard": {
             "class": "intentqueue.strategies.standard.StandardStrategy",
@@ -367,6 +383,17 @@ def _sentinel_problems(redis: RedisConfig) -> list[str]:
     return problems
 
 
+def _breaker_problems(breakers: BreakersConfig) -> list[str]:
+    problems = []
+    if breakers.failure_threshold < 1:
+        problems.append("INTENTQUEUE.breakers.failure_threshold: must be at least 1")
+    if breakers.cooldown < 1:
+        problems.append("INTENTQUEUE.breakers.cooldown: must be at least 1 (milliseconds)")
+    if breakers.max_in_flight_per_chain < 0:
+        problems.append("INTENTQUEUE.breakers.max_in_flight_per_chain: must not be negative")
+    return problems
+
+
 def _validate(conf: IntentQueueSettings) -> None:
     """Checks of values (types are checked while building)."""
     problems = _queue_problems(conf)
@@ -381,6 +408,7 @@ def _validate(conf: IntentQueueSettings) -> None:
     if conf.redis.max_retries_per_request < 0:
         problems.append("INTENTQUEUE.redis.max_retries_per_request: must not be negative")
     problems += _sentinel_problems(conf.redis)
+    problems += _breaker_problems(conf.breakers)
     if not 0 < conf.health.max_memory_ratio <= 1:
         problems.append("INTENTQUEUE.health.max_memory_ratio: must be in (0, 1]")
     enabled = {name for name, spec in conf.strategies.items() if spec.get("enabled", True)}

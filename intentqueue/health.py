@@ -10,7 +10,9 @@ not, so a failing probe says why):
    seconds (work is arriving faster than it is done, or nothing is taking it);
 5. Redis does not evict keys (``maxmemory-policy`` is ``noeviction``: any other policy
    silently drops jobs under memory pressure) and uses at most
-   ``INTENTQUEUE.health.max_memory_ratio`` of its ``maxmemory``.
+   ``INTENTQUEUE.health.max_memory_ratio`` of its ``maxmemory``;
+6. no chain's circuit breaker is open (``breakers``: state, failures, opened_at per
+   chain id; see ``intentqueue.breakers``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import RedisError
 
+from intentqueue.breakers import OPEN, breaker_states
 from intentqueue.conf import intentqueue_settings
 from intentqueue.metrics import QueueMetrics
 from intentqueue.queues import get_connection, stages
@@ -80,6 +83,7 @@ def check_health(connection: Redis | None = None) -> dict[str, Any]:
         memory = redis_memory(connection)
         reader = QueueMetrics(connection)
         queues = {s.name: reader.snapshot(s).as_dict() for s in stages()}
+        breakers = breaker_states(connection)
     except RedisError as error:
         logger.warning("health: Redis is not reachable: %s", error)
         return {
@@ -89,12 +93,14 @@ def check_health(connection: Redis | None = None) -> dict[str, Any]:
             "last_processed_at": None,
             "queues": {},
             "redis": {},
+            "breakers": {},
             "problems": [f"redis: {type(error).__name__}"],
         }
     problems = [f"redis: {p}" for p in memory_problems(memory)]
     for name, metrics in queues.items():
         metrics["problems"] = queue_problems(metrics)
         problems += [f"{name}: {p}" for p in metrics["problems"]]
+    problems += [f"chain {c}: circuit open" for c, b in breakers.items() if b["state"] == OPEN]
     processed = [m["last_processed_at"] for m in queues.values() if m["last_processed_at"]]
     return {
         "is_healthy": not problems,
@@ -103,5 +109,6 @@ def check_health(connection: Redis | None = None) -> dict[str, Any]:
         "last_processed_at": max(processed) if processed else None,
         "queues": queues,
         "redis": memory,
+        "breakers": breakers,
         "problems": problems,
     }

@@ -79,6 +79,15 @@ class QueueCollector(Collector):
             )  # fmt: skip
         yield runs
         yield durations
+        breakers: dict[str, dict[str, Any]] = health.get("breakers", {})
+        yield _gauge(
+            "intentqueue_circuit_open", "1 if the chain's RPC circuit breaker is open.",
+            [((c,), b["state"] == "open") for c, b in breakers.items()], ["chain"],
+        )  # fmt: skip
+        yield _gauge(
+            "intentqueue_circuit_failures", "Consecutive RPC network failures of the chain.",
+            [((c,), b["failures"]) for c, b in breakers.items()], ["chain"],
+        )  # fmt: skip
         counts = dict(
             Intent.objects.order_by()
             .values_list("status")

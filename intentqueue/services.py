@@ -25,6 +25,7 @@ from rq.registry import (
 from rq.serializers import JSONSerializer
 
 from intentqueue import jobs
+from intentqueue.breakers import CircuitBreaker, breaker_states
 from intentqueue.conf import intentqueue_settings
 from intentqueue.exceptions import (
     BadJobDataError,
@@ -387,6 +388,26 @@ class QueueService:
         """Whether the queue is paused."""
         return bool(self.connection.sismember(PAUSED_KEY, stage(queue_name).name))
 
+    # --- circuit breakers ----------------------------------------------------------------
+
+    def breakers(self) -> dict[str, dict[str, Any]]:
+        """Every chain's circuit breaker: state, failures, opened_at, manual."""
+        return breaker_states(self.connection)
+
+    def open_breaker(self, chain_id: int | str, *, actor: str = "system", reason: str = "") -> None:
+        """Hold every execution job of the chain (no attempt used) until ``close_breaker``."""
+        chain = _chain_label(chain_id)
+        with self._audited(OperatorAction.Action.BREAKER_OPEN, f"chain {chain}", actor, reason):
+            CircuitBreaker(chain, self.connection).force_open()
+
+    def close_breaker(
+        self, chain_id: int | str, *, actor: str = "system", reason: str = ""
+    ) -> None:
+        """Let the chain's execution jobs run again and forget its failure count."""
+        chain = _chain_label(chain_id)
+        with self._audited(OperatorAction.Action.BREAKER_CLOSE, f"chain {chain}", actor, reason):
+            CircuitBreaker(chain, self.connection).force_close()
+
     # --- dead-letter queue --------------------------------------------------------------
 
     def failed_job_ids(self, queue_name: str) -> Iterator[tuple[str, str]]:
@@ -576,3 +597,11 @@ def _text(value: bytes | str | None) -> str | None:
 
 
 __all__ = ["NORMAL_PRIORITY", "EnqueueResult", "QueueService", "submit_intent"]
+
+
+def _chain_label(chain_id: int | str) -> str:
+    """A chain id as breakers key it; anything but digits is refused."""
+    label = str(chain_id).strip()
+    if not label.isdigit() or len(label) > 20:
+        raise IntentQueueError(f"not a chain id: {str(chain_id)[:40]!r}")
+    return label

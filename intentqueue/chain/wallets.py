@@ -13,13 +13,19 @@ is not configured (``kernel`` here) is a ``PermanentError`` naming the configure
 there is no fallback to another wallet.
 
 ``basic`` is an externally owned account whose private key comes from the environment:
-``SOLVER_PRIVATE_KEY`` (hex), or ``SOLVER_PRIVATE_KEY_FILE`` (a path to a file holding
-it, e.g. a mounted secret). The key is read once per process and kept inside the wallet
-object: it is never part of job data, log lines, exception messages, reprs or the admin.
+``SOLVER_PRIVATE_KEY`` (hex), ``SOLVER_PRIVATE_KEY_FILE`` (a path to a file holding it,
+e.g. a mounted secret), or ``SOLVER_KEYSTORE`` (a path to an encrypted JSON keystore in
+the standard geth / eth-account format) unlocked by ``SOLVER_KEYSTORE_PASSWORD`` or the
+contents of ``SOLVER_KEYSTORE_PASSWORD_FILE``; exactly one of the three. A keystore that
+cannot be unlocked is reported by the system check ``intentqueue.E011`` when a worker
+starts, and is a ``WalletNotConfigured`` (permanent) error in a job. The key is read once
+per process and kept inside the wallet object: it is never part of job data, log lines,
+exception messages, reprs or the admin.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from abc import ABC, abstractmethod
@@ -39,6 +45,9 @@ from intentqueue.exceptions import PermanentError
 DEFAULT_WALLET: Final = "basic"
 KEY_ENV: Final = "SOLVER_PRIVATE_KEY"
 KEY_FILE_ENV: Final = "SOLVER_PRIVATE_KEY_FILE"
+KEYSTORE_ENV: Final = "SOLVER_KEYSTORE"
+KEYSTORE_PASSWORD_ENV: Final = "SOLVER_KEYSTORE_PASSWORD"
+KEYSTORE_PASSWORD_FILE_ENV: Final = "SOLVER_KEYSTORE_PASSWORD_FILE"
 
 
 class WalletNotConfigured(PermanentError):
@@ -98,15 +107,15 @@ class Wallet(ABC):
 
 
 class BasicWallet(Wallet):
-    """An externally owned account whose key is ``SOLVER_PRIVATE_KEY`` or the contents of
-    the file ``SOLVER_PRIVATE_KEY_FILE``."""
+    """An externally owned account whose key is ``SOLVER_PRIVATE_KEY``, the contents of
+    the file ``SOLVER_PRIVATE_KEY_FILE``, or the key of the keystore ``SOLVER_KEYSTORE``."""
 
     def __init__(self, wallet_type: str, options: Mapping[str, Any]) -> None:
         super().__init__(wallet_type, options)
         if options:
             raise WalletNotConfigured(
                 f"INTENTQUEUE.wallets.{wallet_type}: the basic wallet takes no options "
-                f"(its key comes from {KEY_ENV} or {KEY_FILE_ENV})"
+                f"(its key comes from {KEY_ENV}, {KEY_FILE_ENV} or {KEYSTORE_ENV})"
             )
         # Kept in a closure rather than an attribute: nothing that walks the object
         # (repr, vars(), a debugger's locals dump) shows the key.
@@ -126,8 +135,11 @@ class BasicWallet(Wallet):
 def _load_account(wallet_type: str) -> Any:
     key = os.environ.get(KEY_ENV, "").strip()
     path = os.environ.get(KEY_FILE_ENV, "").strip()
-    if key and path:
-        raise WalletNotConfigured(f"set only one of {KEY_ENV} and {KEY_FILE_ENV}")
+    keystore = os.environ.get(KEYSTORE_ENV, "").strip()
+    if sum(map(bool, (key, path, keystore))) > 1:
+        raise WalletNotConfigured(f"set only one of {KEY_ENV}, {KEY_FILE_ENV} and {KEYSTORE_ENV}")
+    if keystore:
+        return _load_keystore(keystore)
     source = KEY_ENV
     if path:
         source = f"{KEY_FILE_ENV} ({path})"
@@ -137,7 +149,8 @@ def _load_account(wallet_type: str) -> Any:
             raise WalletNotConfigured(f"cannot read {source}: {error.strerror}") from None
     if not key:
         raise WalletNotConfigured(
-            f"the {wallet_type!r} wallet has no key: set {KEY_ENV} or {KEY_FILE_ENV}"
+            f"the {wallet_type!r} wallet has no key: set {KEY_ENV} or {KEY_FILE_ENV} "
+            f"(or {KEYSTORE_ENV} with its password)"
         )
     try:
         return Account.from_key(key)
@@ -146,6 +159,78 @@ def _load_account(wallet_type: str) -> Any:
         raise WalletNotConfigured(
             f"{source} is not a valid private key (expected 32 bytes of hex)"
         ) from None
+
+
+def _keystore_password() -> str:
+    password = os.environ.get(KEYSTORE_PASSWORD_ENV, "")
+    path = os.environ.get(KEYSTORE_PASSWORD_FILE_ENV, "").strip()
+    if password and path:
+        raise WalletNotConfigured(
+            f"set only one of {KEYSTORE_PASSWORD_ENV} and {KEYSTORE_PASSWORD_FILE_ENV}"
+        )
+    if path:
+        try:
+            # A trailing newline is how files end, not part of the password.
+            return Path(path).read_text().rstrip("\r\n")
+        except OSError as error:
+            raise WalletNotConfigured(
+                f"cannot read {KEYSTORE_PASSWORD_FILE_ENV} ({path}): {error.strerror}"
+            ) from None
+    if not password:
+        raise WalletNotConfigured(
+            f"{KEYSTORE_ENV} is set but has no password: set {KEYSTORE_PASSWORD_ENV} or "
+            f"{KEYSTORE_PASSWORD_FILE_ENV}"
+        )
+    return password
+
+
+def _load_keystore(path: str) -> Any:
+    """The account of an encrypted JSON keystore (geth / eth-account format)."""
+    source = f"{KEYSTORE_ENV} ({path})"
+    try:
+        document = json.loads(Path(path).read_text())
+    except OSError as error:
+        raise WalletNotConfigured(f"cannot read {source}: {error.strerror}") from None
+    except ValueError:
+        raise WalletNotConfigured(f"{source} is not a JSON keystore") from None
+    if not isinstance(document, dict) or not isinstance(
+        document.get("crypto", document.get("Crypto")), dict
+    ):
+        raise WalletNotConfigured(f"{source} is not a JSON keystore (no crypto section)")
+    password = _keystore_password()
+    try:
+        key = Account.decrypt(document, password)
+    except ValueError as error:
+        # eth-account says "MAC mismatch" for a wrong password; nothing secret is quoted.
+        if "mac mismatch" in str(error).lower():
+            raise WalletNotConfigured(
+                f"{source}: wrong password (from {_password_source()})"
+            ) from None
+        raise WalletNotConfigured(f"{source} cannot be unlocked: unsupported keystore") from None
+    except Exception:
+        raise WalletNotConfigured(f"{source} cannot be unlocked: unreadable keystore") from None
+    account = Account.from_key(key)
+    declared = str(document.get("address") or "").lower().removeprefix("0x")
+    if declared and declared != account.address.lower()[2:]:
+        raise WalletNotConfigured(f"{source}: the key does not match the keystore's address")
+    return account
+
+
+def _password_source() -> str:
+    if os.environ.get(KEYSTORE_PASSWORD_FILE_ENV, "").strip():
+        return KEYSTORE_PASSWORD_FILE_ENV
+    return KEYSTORE_PASSWORD_ENV
+
+
+def check_keystore() -> list[str]:
+    """Problems unlocking ``SOLVER_KEYSTORE`` (none when it is not set)."""
+    if not os.environ.get(KEYSTORE_ENV, "").strip():
+        return []
+    try:
+        _load_account(DEFAULT_WALLET)
+    except WalletNotConfigured as error:
+        return [str(error)]
+    return []
 
 
 # --- the registry ------------------------------------------------------------------------

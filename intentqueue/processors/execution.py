@@ -38,6 +38,7 @@ from django.core.exceptions import ImproperlyConfigured
 from eth_utils import to_checksum_address
 from web3.exceptions import ContractLogicError
 
+from intentqueue.breakers import CircuitBreaker, InFlightLimit
 from intentqueue.chain.client import (
     UINT256_MAX,
     ZERO_BYTES32,
@@ -100,7 +101,14 @@ class BlockchainProcessor(Processor):
                 f"strategy {strategy.name!r} does not deliver native value "
                 f"({execution.native_value} wei in the route)"
             )
-        return execution.run()
+        # Protective controls (``intentqueue.breakers``): an open circuit or a full chain
+        # holds the job without using an attempt; other chains are not affected.
+        job_id = self.context.job_id
+        with (
+            InFlightLimit(chain.chain_id).slot(job_id),
+            CircuitBreaker(chain.chain_id).guard(job_id),
+        ):
+            return execution.run()
 
 
 class Execution:
