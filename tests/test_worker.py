@@ -340,3 +340,21 @@ def test_queue_limiter_caps_job_starts_across_workers(workers: Workers) -> None:
     per_window = Counter(int(start) for start in starts)  # the limiter's 1 s windows
     assert max(per_window.values()) <= 3, per_window
     assert max(starts) - min(starts) >= 1.5  # 9 starts at 3 a second span 3 windows
+
+
+def test_reconciler_requeues_a_job_its_worker_popped_and_died_with(
+    workers: Workers, redis_client: redis.Redis
+) -> None:
+    from intentqueue.reconcile import GRACE, ORPHAN_AGE, Reconciler
+
+    intent = IntentFactory()
+    job_id = job_id_for("fulfillment", intent.hash)
+    # A worker popped the job and was killed before marking it started.
+    assert redis_client.lpop("rq:queue:intent-fulfillment") == job_id.encode()
+    old = (intent.created_at - ORPHAN_AGE * 2).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    redis_client.hset(f"rq:job:{job_id}", "enqueued_at", old)
+    Intent.objects.update(updated_at=intent.created_at - GRACE * 2)
+    assert Reconciler().run().enqueued == 1
+    assert redis_client.lrange("rq:queue:intent-fulfillment", 0, -1) == [job_id.encode()]
+    workers.run_burst()
+    assert status_of(intent) == S.VALIDATED
