@@ -339,7 +339,7 @@ def test_queue_limiter_caps_job_starts_across_workers(workers: Workers) -> None:
         starts.append(datetime.strptime(raw.decode(), "%Y-%m-%dT%H:%M:%S.%fZ").timestamp())
     per_window = Counter(int(start) for start in starts)  # the limiter's 1 s windows
     assert max(per_window.values()) <= 3, per_window
-    assert max(starts) - min(starts) >= 1.5  # 9 starts at 3 a second span 3 windows
+    assert len(per_window) >= 3  # 9 starts at 3 a window need at least 3 windows
 
 
 def test_reconciler_requeues_a_job_its_worker_popped_and_died_with(
