@@ -185,12 +185,7 @@ class QueueService:
         retry defaults for this job; ``trace_context`` (W3C headers) parents the producer
         span when the caller's context was captured earlier (before an on-commit hook).
         """
-        meta = {
-            "source": intent.source,
-            "timestamp": timestamp_ms(),
-            "correlationId": intent.correlation_id,
-            **(metadata or {}),
-        }
+        meta = {**_fulfillment_metadata(intent), **(metadata or {})}
         if enforce_limit:
             self.check_enqueue_limit(str(meta.get("source") or ""))
         data = JobData(intent.pk, intent.hash, strategy or intent.strategy, None, meta)
@@ -327,10 +322,7 @@ class QueueService:
             self.connection.pipeline(transaction=False) as pipe,
         ):
             for intent in intents:
-                meta = {
-                    "source": intent.source, "timestamp": timestamp_ms(),
-                    "correlationId": intent.correlation_id,
-                }  # fmt: skip
+                meta = _fulfillment_metadata(intent)
                 data = JobData(intent.pk, intent.hash, intent.strategy, None, meta)
                 queue, job = self._build_job(
                     target, intent, data, priority=intent.priority, carrier=carrier
@@ -582,6 +574,15 @@ class QueueService:
             intent = Intent.objects.filter(pk=data.intent_id, hash=data.intent_hash).first()
             return name, job, intent
         return None, None, None
+
+
+def _fulfillment_metadata(intent: Intent) -> dict[str, Any]:
+    """A FulfillmentJob's metadata: who submitted the intent, when, its correlation id."""
+    return {
+        "source": intent.source,
+        "timestamp": timestamp_ms(),
+        "correlationId": intent.correlation_id,
+    }
 
 
 def _forget_old_run(pipe: Any, job_id: str, origin: str) -> None:
