@@ -42,6 +42,7 @@ from rq.job import Job, JobStatus
 from rq.registry import clean_registries
 from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
+from rq.suspension import WORKERS_SUSPENDED
 from rq.utils import get_version, utcformat
 from rq.worker import SimpleWorker
 
@@ -52,7 +53,7 @@ from intentqueue.logcontext import log_context
 from intentqueue.metrics import fingerprint, record_job_end
 from intentqueue.processors.base import handle_job_failure, shown
 from intentqueue.queues import KEY_PREFIX, PAUSED_KEY, Stage, stage
-from intentqueue.retention import over_limit, registry_keys, trim_registries
+from intentqueue.retention import queue_trim, trim_registries
 from intentqueue.tracing import consumer_span, record_outcome
 
 logger = logging.getLogger(__name__)
@@ -117,6 +118,7 @@ class IntentWorker(SimpleWorker):
         self.lock_seconds = max(1, conf.lock_duration // 1000)
         self._stage_of = {q.name: self._stage_name(q.name) for q in self.queues}
         self._dequeues = 0
+        self._paused_hint: set[str] | None = None
 
     def _stage_name(self, rq_name: str) -> str | None:
         for name, target in self.stages.items():
@@ -177,6 +179,29 @@ class IntentWorker(SimpleWorker):
             self.scheduler.release_locks()
             self.scheduler.register_death()
 
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        """RQ's heartbeat, in one round trip when no pipeline is given (RQ sends its two
+        commands one by one after every job)."""
+        if pipeline is not None:
+            super().heartbeat(timeout, pipeline=pipeline)
+            return
+        with self.connection.pipeline(transaction=False) as pipe:
+            super().heartbeat(timeout, pipeline=pipe)
+            pipe.execute()
+
+    def check_for_suspension(self, burst: bool) -> None:
+        """RQ's check for ``rq suspend`` before each dequeue, in the same round trip as the
+        heartbeat and the read of the paused queues (which the dequeue then uses)."""
+        with self.connection.pipeline() as pipe:
+            super().heartbeat(pipeline=pipe)
+            pipe.exists(WORKERS_SUSPENDED)
+            pipe.smembers(PAUSED_KEY)
+            *_, suspended, paused = pipe.execute()
+        if suspended:
+            super().check_for_suspension(burst)
+            return
+        self._paused_hint = {p.decode() for p in paused}
+
     def work(self, *args: Any, **kwargs: Any) -> bool:
         """RQ's work loop with the scheduler always on (delayed retries must run)."""
         kwargs["with_scheduler"] = True
@@ -216,12 +241,10 @@ class IntentWorker(SimpleWorker):
 
     def _after_job(self, job: Job, queue: Queue) -> None:
         """Count the run in the queue's metrics and apply its retention, in one round
-        trip unless something must be trimmed."""
+        trip of two scripts."""
         stage_name = self._stage_of.get(queue.name)
         if stage_name is None:
             return
-        target = self.stages[stage_name]
-        finished, failed = registry_keys(target)
         outcome = getattr(job, "outcome", None) or (
             "completed" if job.get_status(refresh=False) == JobStatus.FINISHED else "failed"
         )
@@ -230,15 +253,12 @@ class IntentWorker(SimpleWorker):
             duration = (job.ended_at - job.started_at).total_seconds() * 1000
         try:
             with self.connection.pipeline(transaction=False) as pipe:
-                for key in (*finished, *failed):
-                    pipe.zcard(key)
                 record_job_end(
                     pipe, stage_name, outcome=outcome, duration_ms=duration, now=time.time(),
                     reason=getattr(job, "failure_fingerprint", None),
                 )  # fmt: skip
-                counts = pipe.execute()[: len(finished) + len(failed)]
-            if over_limit(target, sum(counts[: len(finished)]), sum(counts[len(finished) :])):
-                trim_registries(self.connection, target)
+                queue_trim(pipe, self.stages[stage_name])
+                pipe.execute()
         except Exception:
             logger.warning("recording the end of job %s failed", job.id, exc_info=True)
 
@@ -398,6 +418,9 @@ class IntentWorker(SimpleWorker):
         self._after_job(job, queue)
 
     def _heartbeat_and_paused(self) -> set[str]:
+        paused, self._paused_hint = self._paused_hint, None
+        if paused is not None:  # read with the suspension check just before
+            return paused
         with self.connection.pipeline() as pipe:
             self.heartbeat(pipeline=pipe)
             pipe.smembers(PAUSED_KEY)
