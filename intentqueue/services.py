@@ -78,7 +78,7 @@ def submit_intent(payload: Any) -> Intent:
     transaction that saved the intent commits.
     """
     parsed = parse_intent_payload(payload)
-    existing = Intent.objects.filter(hash=parsed.hash).first()
+    existing = Intent.objects.filter(hash=parsed.hash).get_or_none()
     if existing is not None:
         return existing
     QueueService().check_enqueue_limit(parsed.source)
@@ -571,7 +571,7 @@ class QueueService:
                     return name, Job.fetch(job_id, self.connection, JSONSerializer), None
                 except Exception:  # set aside because RQ cannot load it at all
                     return name, None, None
-            intent = Intent.objects.filter(pk=data.intent_id, hash=data.intent_hash).first()
+            intent = Intent.objects.filter(pk=data.intent_id, hash=data.intent_hash).get_or_none()
             return name, job, intent
         return None, None, None
 

@@ -36,7 +36,7 @@ def enqueue_new_intent(
 def _enqueue_committed(intent_id: int, carrier: dict[str, str] | None = None) -> None:
     from intentqueue.services import QueueService
 
-    intent = Intent.objects.filter(pk=intent_id, status=IntentStatus.PENDING).first()
+    intent = Intent.objects.filter(pk=intent_id, status=IntentStatus.PENDING).get_or_none()
     if intent is None:
         return
     try:
@@ -44,9 +44,11 @@ def _enqueue_committed(intent_id: int, carrier: dict[str, str] | None = None) ->
             intent, enforce_limit=False, trace_context=carrier
         )
     except RedisError as error:
+        from intentqueue.queues import describe_redis_error
+
         logger.warning(
             "could not queue intent %s (%s); it stays PENDING for the reconciler",
-            intent.hash, error,
+            intent.hash, describe_redis_error(error),
         )  # fmt: skip
 
 

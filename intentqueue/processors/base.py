@@ -154,8 +154,8 @@ class Processor(ABC):
     def process(self, raw: Any) -> dict[str, Any]:
         """Parse the job data, load the intent and handle it; returns a small JSON result."""
         data = JobData.parse(raw)
-        intent = Intent.objects.filter(pk=data.intent_id).first()
-        if intent is None or intent.hash != data.intent_hash:
+        intent = Intent.objects.filter(pk=data.intent_id, hash=data.intent_hash).get_or_none()
+        if intent is None:
             raise BadJobDataError(f"no intent {data.intent_hash} with id {data.intent_id}")
         bind(intent_hash=intent.hash, correlation_id=intent.correlation_id)
         logger.debug(
@@ -254,7 +254,7 @@ def _record_on_intent(
         data = JobData.parse(job.args[0] if job.args else None)
     except BadJobDataError:
         return
-    intent = Intent.objects.filter(pk=data.intent_id, hash=data.intent_hash).first()
+    intent = Intent.objects.filter(pk=data.intent_id, hash=data.intent_hash).get_or_none()
     if intent is None:
         return
     context = job_context.as_kwargs()
