@@ -69,15 +69,25 @@ def _queue_names(queues: Iterable[Any]) -> list[str]:
 
 
 class IntentScheduler(RQScheduler):
-    """RQ's scheduler process, made to stop when its worker dies.
+    """RQ's scheduler process, made to stop when its worker dies, with short locks.
 
     RQ forks the scheduler from the worker; if the worker is killed (SIGKILL, OOM) RQ's
-    scheduler keeps running as an orphan holding the queues' scheduler locks.
+    scheduler keeps running as an orphan holding the queues' scheduler locks. And RQ's
+    locks live a minute past the last heartbeat, so when a worker's whole process group
+    dies, delayed retries and confirmation re-checks wait that long for another worker's
+    scheduler; ours live ``LOCK_SECONDS`` (refreshed every second by the heartbeat).
     """
+
+    LOCK_SECONDS = 10
 
     def start(self) -> Any:
         self._worker_pid = os.getpid()
         return super().start()
+
+    def acquire_locks(self, auto_start: bool = False) -> set[str]:
+        locks: set[str] = super().acquire_locks(auto_start=auto_start)
+        self._shorten_locks()
+        return locks
 
     def heartbeat(self) -> None:
         if os.getppid() != getattr(self, "_worker_pid", os.getppid()):
@@ -85,6 +95,15 @@ class IntentScheduler(RQScheduler):
             self.request_stop()
             return
         super().heartbeat()
+        self._shorten_locks()
+
+    def _shorten_locks(self) -> None:
+        if not self._acquired_locks:
+            return
+        with self.connection.pipeline(transaction=False) as pipe:
+            for name in self._acquired_locks:
+                pipe.expire(self.get_locking_key(name), self.LOCK_SECONDS)
+            pipe.execute()
 
 
 class IntentWorker(SimpleWorker):
@@ -119,6 +138,7 @@ class IntentWorker(SimpleWorker):
         self._stage_of = {q.name: self._stage_name(q.name) for q in self.queues}
         self._dequeues = 0
         self._paused_hint: set[str] | None = None
+        self._scheduler_tried = time.monotonic()
 
     def _stage_name(self, rq_name: str) -> str | None:
         for name, target in self.stages.items():
@@ -273,6 +293,7 @@ class IntentWorker(SimpleWorker):
             paused = self._heartbeat_and_paused()
             if self.should_run_maintenance_tasks:
                 self.run_maintenance_tasks()
+            self._take_over_scheduler()
             queues = self._dequeue_order(paused)
             wait = self._limiter_wait(queues)
             if not queues or wait:
@@ -293,6 +314,20 @@ class IntentWorker(SimpleWorker):
             self._dequeues += 1
             self.log.info("Worker %s: %s: %s", self.name, result[1].name, result[0].id)
             return result
+
+    def _take_over_scheduler(self) -> None:
+        """Start this worker's scheduler if the one holding the locks died: tried every few
+        seconds (RQ tries only in the maintenance step, every ``stalled_interval``)."""
+        scheduler = self.scheduler
+        if scheduler is None or self.last_cleaned_at is None:
+            return  # no scheduler in this worker, or the start-up run just happened
+        if scheduler._process is not None and scheduler._process.is_alive():
+            return
+        now = time.monotonic()
+        if now - self._scheduler_tried < IntentScheduler.LOCK_SECONDS / 2:
+            return
+        self._scheduler_tried = now
+        scheduler.acquire_locks(auto_start=True)
 
     # --- jobs that cannot be read ---------------------------------------------------------
     # Anyone who can write to Redis can queue garbage. RQ ends the worker on a job hash it

@@ -196,6 +196,34 @@ def test_sigkill_mid_job_completes_elsewhere_without_using_an_attempt(
     assert "worker died" in stall.error
 
 
+def test_delayed_retry_runs_soon_after_the_scheduling_worker_dies(
+    workers: Workers, redis_client: redis.Redis
+) -> None:
+    """The worker holding the scheduler lock dies with its scheduler (the whole process
+    group): another worker's scheduler takes over within seconds, not RQ's minute."""
+    from intentqueue.worker import IntentScheduler
+
+    options = {"attempts": 3, "backoff": {"type": "fixed", "delay": 1000}}
+    lock = "rq:scheduler-lock:intent-fulfillment"
+    with workers.configure(
+        strategies=scripted(fail="transient", fail_times=1),
+        queues={"fulfillment": {"default_job_options": options}},
+    ):
+        holder = workers.start()
+        wait_for(lambda: redis_client.exists(lock), timeout=20)
+        assert 0 < redis_client.ttl(lock) <= IntentScheduler.LOCK_SECONDS
+        workers.start()
+        time.sleep(2)  # the second worker is up, without the lock
+        workers.kill(holder)
+        intent = IntentFactory(strategy="scripted")
+        wait_for(lambda: intent.timeline.filter(error_type="transient").exists(), timeout=20)
+        failed_at = time.monotonic()
+        wait_for(lambda: status_of(intent) == S.VALIDATED, timeout=40)
+    # The retry waited for the dead scheduler's lock (10 s) and a take-over check (every
+    # 5 s); with RQ's own locks it would wait a minute.
+    assert time.monotonic() - failed_at < 25
+
+
 def test_job_fails_as_stalled_after_max_stalled_count(workers: Workers) -> None:
     fast = {"stalled_interval": 1000, "lock_duration": 1000, "max_stalled_count": 1}
     with workers.configure(strategies=scripted(sleep_ms=60000), worker=fast):
