@@ -571,7 +571,7 @@ class QueueService:
                     return name, Job.fetch(job_id, self.connection, JSONSerializer), None
                 except Exception:  # set aside because RQ cannot load it at all
                     return name, None, None
-            intent = Intent.objects.filter(pk=data.intent_id, hash=data.intent_hash).get_or_none()
+            intent = Intent.objects.for_job(data.intent_id, data.intent_hash)
             return name, job, intent
         return None, None, None
 

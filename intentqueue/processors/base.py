@@ -154,7 +154,7 @@ class Processor(ABC):
     def process(self, raw: Any) -> dict[str, Any]:
         """Parse the job data, load the intent and handle it; returns a small JSON result."""
         data = JobData.parse(raw)
-        intent = Intent.objects.filter(pk=data.intent_id, hash=data.intent_hash).get_or_none()
+        intent = Intent.objects.for_job(data.intent_id, data.intent_hash)
         if intent is None:
             raise BadJobDataError(f"no intent {data.intent_hash} with id {data.intent_id}")
         bind(intent_hash=intent.hash, correlation_id=intent.correlation_id)
@@ -254,7 +254,7 @@ def _record_on_intent(
         data = JobData.parse(job.args[0] if job.args else None)
     except BadJobDataError:
         return
-    intent = Intent.objects.filter(pk=data.intent_id, hash=data.intent_hash).get_or_none()
+    intent = Intent.objects.for_job(data.intent_id, data.intent_hash)
     if intent is None:
         return
     context = job_context.as_kwargs()
