@@ -6,8 +6,6 @@ from datetime import datetime
 from typing import Any
 
 from django.db import connections, models, router, transaction
-from django.db.models import Q
-from django.db.models.sql import UpdateQuery
 from django.utils import timezone
 
 from intentqueue.exceptions import IllegalTransitionError
@@ -229,24 +227,24 @@ def _compare_and_set(
                 return False
             entry.save(using=db, force_insert=True)
         return True
-    update = UpdateQuery(Intent)
-    update.add_update_values(updates)
-    update.add_q(Q(pk=pk, status=expected))
-    update_sql, update_params = update.get_compiler(db).as_sql()
-    fields = [f for f in IntentTransition._meta.concrete_fields if not f.primary_key]
     quote = connection.ops.quote_name
-    values = ["moved.id" if f.attname == "intent_id" else "%s" for f in fields]
-    params = [
-        f.get_db_prep_save(getattr(entry, f.attname), connection)
-        for f in fields
-        if f.attname != "intent_id"
-    ]
+    set_columns, set_params = _prepared(Intent, updates, connection)
+    sets = ", ".join(f"{column} = %s" for column in set_columns)
+    row_values = {
+        f.attname: getattr(entry, f.attname)
+        for f in IntentTransition._meta.concrete_fields
+        if not f.primary_key and f.attname != "intent_id"
+    }
+    columns, params = _prepared(IntentTransition, row_values, connection)
+    # Written out, not compiled by the ORM: compiling cost as much as running it.
     sql = (
-        f"WITH moved AS ({update_sql} RETURNING {quote(Intent._meta.db_table)}.id) "
+        f"WITH moved AS (UPDATE {quote(Intent._meta.db_table)} SET {sets} "
+        f"WHERE id = %s AND status = %s RETURNING id) "
         f"INSERT INTO {quote(IntentTransition._meta.db_table)} "
-        f"({', '.join(quote(str(f.column)) for f in fields)}) "
-        f"SELECT {', '.join(values)} FROM moved RETURNING id"
+        f"({quote('intent_id')}, {', '.join(columns)}) "
+        f"SELECT moved.id, {', '.join(['%s'] * len(params))} FROM moved RETURNING id"
     )
+    update_params = [*set_params, pk, expected]
     with connection.cursor() as cursor:
         cursor.execute(sql, [*update_params, *params])
         row = cursor.fetchone()
@@ -255,6 +253,19 @@ def _compare_and_set(
     entry.pk = row[0]
     entry._state.adding, entry._state.db = False, db
     return True
+
+
+def _prepared(
+    model: type[models.Model], values: dict[str, Any], connection: Any
+) -> tuple[list[str], list[Any]]:
+    """Quoted columns and database values of ``values`` (field name -> Python value)."""
+    columns, params = [], []
+    for name, value in values.items():
+        field = model._meta.get_field(name)
+        assert isinstance(field, models.Field)
+        columns.append(connection.ops.quote_name(field.column))
+        params.append(field.get_db_prep_save(value, connection))
+    return columns, params
 
 
 class IntentTransition(models.Model):
