@@ -46,7 +46,7 @@ from django.utils.safestring import SafeString, mark_safe
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy, ngettext
 from redis.exceptions import RedisError
-from rq.exceptions import NoSuchJobError
+from rq.exceptions import DeserializationError, NoSuchJobError
 from rq.job import Job
 from rq.results import Result
 from rq.serializers import JSONSerializer
@@ -55,6 +55,7 @@ from intentqueue.dlq import DeadLetterIndex, Failure, decode_job_data, failure_o
 from intentqueue.exceptions import IntentQueueError, UnknownQueueError
 from intentqueue.models import Intent
 from intentqueue.queues import Stage, stage, stages
+from intentqueue.rq_dashboard import may_use as may_use_rq_dashboard
 from intentqueue.services import QueueService
 
 if TYPE_CHECKING:
@@ -545,7 +546,7 @@ class QueueConsoleMixin(_Base):
             "can_pause": user.has_perms((PERM_VIEW, PERM_PAUSE)),
             "can_retry": user.has_perms((PERM_VIEW, PERM_RETRY)),
             "can_clear": user.has_perms((PERM_VIEW, PERM_CLEAR)),
-            "rq_dashboard_url": rq_dashboard_url(),
+            "rq_dashboard_url": rq_dashboard_url() if may_use_rq_dashboard(user) else "",
             **extra,
         }
 
@@ -1115,6 +1116,17 @@ class QueueConsoleMixin(_Base):
         )
 
 
+class _ReturnValuesUnread:
+    """Reads a job's results without decoding their return values: the page shows none, and
+    a result stream written by hand may hold anything (a pickle, bytes that are not JSON)."""
+
+    dumps = staticmethod(JSONSerializer.dumps)
+
+    @staticmethod
+    def loads(data: bytes | str, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
 def job_detail(service: QueueService, target: Stage, job_id: str) -> dict[str, Any] | None:
     """Everything the job page shows, or None if the job is unknown to this queue."""
     connection = service.connection
@@ -1132,7 +1144,7 @@ def job_detail(service: QueueService, target: Stage, job_id: str) -> dict[str, A
         return {"job": None, "job_id": job_id, "in_dlq": True, "band": failed_band}
     if job.origin not in bands:
         return None
-    results = Result.all(job, serializer=JSONSerializer)
+    results = Result.all(job, serializer=_ReturnValuesUnread)
     failures = [r for r in results if r.type == Result.Type.FAILED]
     traceback = failures[0].exc_string if failures else ""
     meta = dict(job.meta or {})
@@ -1140,7 +1152,8 @@ def job_detail(service: QueueService, target: Stage, job_id: str) -> dict[str, A
     index = DeadLetterIndex(target.name, connection)
     raw_data = connection.hget(job.key, "data")
     data = decode_job_data(raw_data if isinstance(raw_data, bytes) else None)
-    args = data[2] if isinstance(data, list) and len(data) > 2 else job.args
+    function, loaded_args = _call_of(job)
+    args = data[2] if isinstance(data, list) and len(data) > 2 else loaded_args
     first = args[0] if isinstance(args, list | tuple) and args else None
     intent = None
     if isinstance(first, dict) and isinstance(first.get("intentId"), int):
@@ -1158,7 +1171,7 @@ def job_detail(service: QueueService, target: Stage, job_id: str) -> dict[str, A
         "errors": meta.pop("errors", []),
         "meta": json.dumps(meta, indent=2, sort_keys=True, default=str),
         "data_json": json.dumps(first if first is not None else args, indent=2, default=str),
-        "function": job.func_name,
+        "function": function,
         "traceback": traceback,
         "results": [
             {
@@ -1186,6 +1199,15 @@ def job_detail(service: QueueService, target: Stage, job_id: str) -> dict[str, A
         "timeout": job.timeout,
         "failure_ttl": job.failure_ttl,
     }
+
+
+def _call_of(job: Job) -> tuple[str, Any]:
+    """The job's function and arguments; ("", None) when its data is not a JSON job (a
+    hash written by hand, or by pickle: its recorded failure says why)."""
+    try:
+        return job.func_name or "", job.args
+    except DeserializationError:
+        return "", None
 
 
 def _duration(start: datetime | None, end: datetime | None) -> str:

@@ -52,16 +52,21 @@ def _serializer_name(value: Any) -> str:
 
 @checks.register("redis")
 def check_redis_memory_policy(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
-    """Warn when Redis evicts keys (it would silently drop jobs) or is unreachable."""
-    from redis.exceptions import RedisError
+    """Warn when Redis evicts keys (it would silently drop jobs) or is unreachable; refuse a
+    missing or wrong password (a configuration error that no retry will fix)."""
+    from redis.exceptions import AuthenticationError, RedisError
 
     from intentqueue.health import memory_problems, redis_memory
-    from intentqueue.queues import get_connection
+    from intentqueue.queues import describe_redis_error, get_connection
 
     try:
         connection = get_connection()
         memory = redis_memory(connection)
-    except (RedisError, ImproperlyConfigured) as error:
+    except AuthenticationError as error:
+        return [checks.Error(describe_redis_error(error), id="intentqueue.E012")]
+    except RedisError as error:
+        return [checks.Warning(describe_redis_error(error), id="intentqueue.W002")]
+    except ImproperlyConfigured as error:
         return [checks.Warning(f"Redis is not reachable: {error}", id="intentqueue.W002")]
     return [
         checks.Warning(f"Redis {problem}", id="intentqueue.W001")
@@ -88,3 +93,23 @@ def check_solver_keystore(app_configs: Any = None, **kwargs: Any) -> list[checks
     from intentqueue.chain.wallets import check_keystore
 
     return [checks.Error(problem, id="intentqueue.E011") for problem in check_keystore()]
+
+
+@checks.register(checks.Tags.security)
+def check_rq_admin_link(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """django-rq's admin registration (``RQ_SHOW_ADMIN_LINK``, on unless turned off) mounts
+    its views for every staff user, one of which unpickles job meta from Redis."""
+    from django.apps import apps
+
+    if not apps.is_installed("django_rq") or not getattr(settings, "RQ_SHOW_ADMIN_LINK", True):
+        return []
+    return [
+        checks.Warning(
+            "RQ_SHOW_ADMIN_LINK is on: django-rq's dashboard in the admin is open to every "
+            "staff user (empty queues, delete jobs, unaudited) and its 'delete all failed "
+            "jobs' unpickles job data read from Redis.",
+            hint='Set RQ_SHOW_ADMIN_LINK = False and mount path("admin/rq/", '
+            'include("intentqueue.rq_dashboard")) instead of django_rq.urls.',
+            id="intentqueue.W003",
+        )
+    ]

@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 from intentqueue.breakers import OPEN, breaker_states
 from intentqueue.conf import intentqueue_settings
 from intentqueue.metrics import QueueMetrics
-from intentqueue.queues import get_connection, stages
+from intentqueue.queues import describe_redis_error, get_connection, stages
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,8 @@ def check_health(connection: Redis | None = None) -> dict[str, Any]:
         queues = {s.name: reader.snapshot(s).as_dict() for s in stages()}
         breakers = breaker_states(connection)
     except RedisError as error:
-        logger.warning("health: Redis is not reachable: %s", error)
+        problem = describe_redis_error(error, connection)
+        logger.warning("health: %s", problem)
         return {
             "is_healthy": False,
             "metrics": dict.fromkeys(SPEC_COUNTS, 0),
@@ -94,7 +95,7 @@ def check_health(connection: Redis | None = None) -> dict[str, Any]:
             "queues": {},
             "redis": {},
             "breakers": {},
-            "problems": [f"redis: {type(error).__name__}"],
+            "problems": [problem],
         }
     problems = [f"redis: {p}" for p in memory_problems(memory)]
     for name, metrics in queues.items():

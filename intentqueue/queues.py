@@ -143,6 +143,50 @@ def get_connection() -> redis.Redis:
     return _connection_for(url, conf.max_retries_per_request)
 
 
+def redis_location(connection: redis.Redis) -> str:
+    """Where ``connection`` points, as a URL without credentials (``redis://host:port/db``,
+    ``unix://path``, or the Sentinel master's name)."""
+    pool = connection.connection_pool
+    kwargs = pool.connection_kwargs
+    db = kwargs.get("db", 0)
+    service = getattr(pool, "service_name", None)
+    if service:
+        return f"Sentinel master {service!r} (db {db})"
+    if kwargs.get("path"):
+        return f"unix://{kwargs['path']}?db={db}"
+    scheme = "rediss" if issubclass(pool.connection_class, redis.SSLConnection) else "redis"
+    return f"{scheme}://{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{db}"
+
+
+def describe_redis_error(error: BaseException, connection: redis.Redis | None = None) -> str:
+    """One line for an operator: what went wrong with Redis and where (never the password).
+
+    redis-py's own messages name neither the server nor, for a missing password, the
+    problem ("HELLO must be called with the client already authenticated").
+    """
+    try:
+        connection = connection or get_connection()
+        where = redis_location(connection)
+        password = connection.connection_pool.connection_kwargs.get("password")
+    except Exception:  # the settings themselves are broken: say what we can
+        where, password = "the configured Redis", None
+    detail = " ".join(str(error).split())
+    if password:  # redis-py does not quote it; nor will we, whatever a server answers
+        detail = detail.replace(password, "***")
+    if isinstance(error, redis.AuthenticationError):
+        if not password:
+            problem = "authentication required (the server needs a password; none is configured)"
+        elif "no password is set" in detail or "without any password configured" in detail:
+            problem = "a password is configured but the server has none set"
+        else:
+            problem = "wrong password or user name (the server refused them)"
+    elif isinstance(error, redis.ConnectionError | redis.TimeoutError):
+        problem = f"not reachable ({detail or type(error).__name__})"
+    else:
+        problem = f"{type(error).__name__}: {detail}"
+    return f"Redis at {where}: {problem}"
+
+
 def rq_queue(name: str, connection: redis.Redis | None = None) -> Queue:
     """A plain RQ queue (JSON serializer) named ``name``, cached per connection (a Queue
     asks the server for its version once, so a fresh one per enqueue costs a round trip)."""

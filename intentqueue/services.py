@@ -561,14 +561,19 @@ class QueueService:
         for name in names:
             if self.connection.zscore(f"rq:failed:{name}", job_id) is None:
                 continue
+            # IntentJob: a hash written by hand (or by pickle) loads with its unreadable
+            # meta dropped, so it can be saved back (requeued) as JSON.
             try:
-                job = Job.fetch(job_id, connection=self.connection, serializer=JSONSerializer)
+                job = jobs.IntentJob.fetch(
+                    job_id, connection=self.connection, serializer=JSONSerializer
+                )
                 data = JobData.parse(job.args[0] if job.args else None)
             except NoSuchJobError:
                 return name, None, None
             except (BadJobDataError, DeserializationError, ValueError, TypeError, KeyError):
                 try:
-                    return name, Job.fetch(job_id, self.connection, JSONSerializer), None
+                    job = jobs.IntentJob.fetch(job_id, self.connection, JSONSerializer)
+                    return name, job, None
                 except Exception:  # set aside because RQ cannot load it at all
                     return name, None, None
             intent = Intent.objects.for_job(data.intent_id, data.intent_hash)

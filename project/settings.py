@@ -155,7 +155,9 @@ RQ_QUEUES = rq_queues(INTENTQUEUE, rq_connection)
 # Our worker (in-process jobs, priorities, pause, stalls) and job class (allow-list) are
 # what `manage.py rqworker <queue>` uses with no flags.
 RQ = {"WORKER_CLASS": "intentqueue.worker.IntentWorker", "JOB_CLASS": "intentqueue.jobs.IntentJob"}
-RQ_SHOW_ADMIN_LINK = True
+# django-rq's admin registration would mount its views for every staff user, including
+# one that unpickles job meta; they are mounted at admin/rq/ behind permissions instead.
+RQ_SHOW_ADMIN_LINK = False
 
 # --- the rest ---------------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [

@@ -5,6 +5,7 @@ from django.urls import include, path
 
 urlpatterns = [
     path("", include("intentqueue.urls")),
-    path("admin/rq/", include("django_rq.urls")),
+    # django-rq's views behind intentqueue's queue permissions (not django_rq.urls).
+    path("admin/rq/", include("intentqueue.rq_dashboard")),
     path("admin/", admin.site.urls),
 ]
