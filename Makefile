@@ -1,4 +1,5 @@
-# intentqueue: `make run` starts everything, `make test` runs lint and the whole suite.
+# intentqueue: `make run` starts everything, `make test` runs lint and the whole suite,
+# `make bench` the benchmarks (all scenarios, or BENCH_ARGS="execution --intents 300").
 # The interpreter: $(PYTHON) if given, else python3.13 or python3.12 on PATH, else pyenv's.
 
 SHELL := /bin/bash
@@ -15,7 +16,7 @@ STAMP := $(VENV)/.installed
 # PostgreSQL for the second run of the suite; skipped when it does not answer.
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/postgres
 
-.PHONY: install run test test-sqlite test-postgres lint format clean
+.PHONY: install run test test-sqlite test-postgres lint format bench clean
 
 install: $(STAMP)
 
@@ -52,6 +53,10 @@ test-postgres: install
 	else \
 	  echo "== PostgreSQL at $(TEST_DATABASE_URL) does not answer: the suite ran on SQLite only"; \
 	fi
+
+# Scratch database and Redis db of their own; the execution scenario needs `npm ci` (anvil).
+bench: install
+	DEBUG=$${DEBUG:-1} $(BIN)/python manage.py intentqueue_bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

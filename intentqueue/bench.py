@@ -16,18 +16,30 @@ Scenarios:
   execution workers), confirmations re-checked later versus waited for in the worker;
 - ``admin``: response times of the admin's Queues page, dead-letter view and intent list
   with many intents and failed jobs.
+
+``execution`` needs anvil (``npm ci``); each of its two runs has two anvil chains of its
+own (``intentqueue.anvil``). With ``--profile`` the first worker of each run is a
+``ProfiledWorker`` and the JSON sums up where its CPU time went. ``admin`` seeds with
+``intentqueue.seeding``.
 """
 
 from __future__ import annotations
 
+import cProfile
 import json
+import math
 import os
+import pstats
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +48,21 @@ from django.conf import settings
 from django.db import connection, transaction
 from tqdm import tqdm
 
+from intentqueue.anvil import TOKEN_UNIT, AnvilChains, database_url
 from intentqueue.bench_jobs import noop_first
 from intentqueue.conf import rq_queues
+from intentqueue.exceptions import RecheckLater
 from intentqueue.models import Intent
 from intentqueue.processors.base import JobData, Processor
-from intentqueue.status import IntentStatus
+from intentqueue.processors.execution import BlockchainProcessor
+from intentqueue.status import TERMINAL, IntentStatus
 from intentqueue.strategies.base import Strategy, ValidationReport
+from intentqueue.worker import IntentWorker
 
 ROOT = Path(__file__).resolve().parent.parent
+EXECUTION_QUEUE = "blockchain-execution"
+#: Where a ``ProfiledWorker`` writes its profile.
+PROFILE_ENV = "INTENTQUEUE_BENCH_PROFILE"
 
 
 class NoopStrategy(Strategy):
@@ -67,6 +86,45 @@ class NoopExecutionProcessor(Processor):
         intent.start_execution(attempts=self.context.attempt, **context)
         intent.mark_fulfilled("0x" + "00" * 32, **context)
         return {"status": IntentStatus.FULFILLED}
+
+
+class BlockingExecutionProcessor(BlockchainProcessor):
+    """The execution step holding its worker until the transaction is confirmed
+    (benchmarks only): where ``BlockchainProcessor`` raises ``RecheckLater`` so that the
+    job runs again later and the worker takes other jobs meanwhile, this one runs again
+    itself after at most ``poll_seconds``, for up to ``max_wait_seconds``."""
+
+    poll_seconds = 0.2
+    max_wait_seconds = 120.0
+
+    def handle(self, intent: Intent, data: JobData) -> dict[str, Any]:
+        deadline = time.monotonic() + self.max_wait_seconds
+        while True:
+            try:
+                return super().handle(intent, data)
+            except RecheckLater as wait:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(min(wait.delay_seconds, self.poll_seconds))
+
+
+class ProfiledWorker(IntentWorker):
+    """``IntentWorker`` whose work loop (dequeues, jobs, bookkeeping; not its start-up)
+    runs under cProfile with a CPU-time clock, written to ``$INTENTQUEUE_BENCH_PROFILE``
+    when it stops (benchmarks only)."""
+
+    def work(self, *args: Any, **kwargs: Any) -> bool:
+        path = os.environ.get(PROFILE_ENV)
+        if not path:
+            return super().work(*args, **kwargs)
+        profiler = cProfile.Profile(time.process_time)
+        profiler.enable()
+        try:
+            return super().work(*args, **kwargs)
+        finally:
+            profiler.disable()
+            if os.getpid() == self.pid:  # not in a forked scheduler
+                profiler.dump_stats(path)
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -100,9 +158,11 @@ class Result:
 class Bench:
     """Scratch database, isolated Redis and worker processes for the scenarios."""
 
-    def __init__(self, redis_db: int = 13, out: Any = sys.stdout) -> None:
+    def __init__(
+        self, redis_db: int = 13, out: Any = sys.stdout, *, redis_url: str | None = None
+    ) -> None:
         base = settings.REDIS_URL.rsplit("/", 1)[0]
-        self.redis_url = f"{base}/{redis_db}"
+        self.redis_url = redis_url or f"{base}/{redis_db}"
         self.redis = redis.Redis.from_url(self.redis_url)
         self.out = out
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -134,32 +194,39 @@ class Bench:
 
     def env(self, conf: dict[str, Any]) -> dict[str, str]:
         """Environment of a worker process on the scratch database and Redis."""
-        params = connection.settings_dict
-        if connection.vendor == "sqlite":
-            url = f"sqlite:///{params['NAME']}"
-        else:
-            auth = params.get("USER") or "postgres"
-            if params.get("PASSWORD"):
-                auth += f":{params['PASSWORD']}"
-            host = f"{params['HOST'] or '127.0.0.1'}:{params['PORT'] or 5432}"
-            url = f"postgres://{auth}@{host}/{params['NAME']}"
         return {
             **os.environ,
             "DJANGO_SETTINGS_MODULE": os.environ.get("DJANGO_SETTINGS_MODULE", "project.settings"),
             "SECRET_KEY": settings.SECRET_KEY,
-            "DATABASE_URL": url,
+            "DATABASE_URL": database_url(),
             "REDIS_URL": self.redis_url,
             "INTENTQUEUE_JSON": json.dumps(conf),
             "LOG_LEVEL": "WARNING",
         }
 
-    def start_workers(self, conf: dict[str, Any], queue: str, count: int, *args: str) -> None:
-        """``count`` worker processes on ``queue``."""
-        for _ in range(count):
+    def start_workers(
+        self,
+        conf: dict[str, Any],
+        queue: str,
+        count: int,
+        *args: str,
+        env: dict[str, str] | None = None,
+        name: str | None = None,
+        profile: Path | None = None,
+    ) -> None:
+        """``count`` worker processes on ``queue``; named ``<name>-<n>`` with ``name``;
+        with ``profile``, the first is a ``ProfiledWorker`` writing its profile there."""
+        for index in range(count):
+            command = [sys.executable, str(ROOT / "manage.py"), "rqworker", queue, *args]
+            environ = {**self.env(conf), **(env or {})}
+            if name:
+                command += ["--name", f"{name}-{index}"]
+            if profile is not None and index == 0:
+                command += ["--worker-class", "intentqueue.bench.ProfiledWorker"]
+                environ[PROFILE_ENV] = str(profile)
             self.procs.append(
                 subprocess.Popen(
-                    [sys.executable, str(ROOT / "manage.py"), "rqworker", queue, *args],
-                    cwd=ROOT, env=self.env(conf),
+                    command, cwd=ROOT, env=environ,
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                     start_new_session=True,
                 )
@@ -176,14 +243,50 @@ class Bench:
                 proc.kill()
         self.procs.clear()
 
+    def wait_for_workers(
+        self, queues: list[str], count: int, *, idle: bool = False, timeout: float = 120
+    ) -> None:
+        """Wait until ``count`` workers of each of ``queues`` are registered in Redis
+        (``rq:workers:<queue>``) and, with ``idle``, all of them say they are idle."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ready = True
+            for queue in queues:
+                keys = self.redis.smembers(f"rq:workers:{queue}")
+                states = [self.redis.hget(key, "state") for key in keys]
+                if len(keys) < count or (idle and any(s != b"idle" for s in states)):
+                    ready = False
+            if ready:
+                return
+            if any(proc.poll() is not None for proc in self.procs):
+                raise RuntimeError("a worker process exited while starting")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"workers of {queues} not ready after {timeout}s")
+            time.sleep(0.05)
+
     def reset(self) -> None:
-        """Empty the scratch database's intents and the Redis database."""
+        """Empty the scratch database's intentqueue tables and the Redis database."""
+        from django.apps import apps
+        from django.core.management.color import no_style
+
         self.stop_workers()
-        Intent.objects.all().delete()
+        tables = [m._meta.db_table for m in apps.get_app_config("intentqueue").get_models()]
+        # Django's flush (TRUNCATE on PostgreSQL): a million intents go in a moment.
+        connection.ops.execute_sql_flush(
+            connection.ops.sql_flush(no_style(), tables, reset_sequences=True)
+        )
         self.redis.flushdb()
 
-    def wait(self, done: Callable[[], int], total: int, desc: str, timeout: float = 600) -> None:
-        """Poll ``done()`` with a progress bar until it reaches ``total``."""
+    def wait(
+        self,
+        done: Callable[[], int],
+        total: int,
+        desc: str,
+        timeout: float = 600,
+        interval: float = 0.05,
+    ) -> None:
+        """Poll ``done()`` every ``interval`` seconds with a progress bar until it reaches
+        ``total``."""
         deadline = time.monotonic() + timeout
         with tqdm(total=total, desc=desc, file=self.out, leave=False) as bar:
             while True:
@@ -193,7 +296,22 @@ class Bench:
                     return
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{desc}: {current}/{total} after {timeout}s")
-                time.sleep(0.05)
+                time.sleep(interval)
+
+    def key_memory(self) -> int:
+        """Bytes the keys of the scratch Redis database take (``MEMORY USAGE`` of each)."""
+        total = 0
+        batch: list[bytes] = []
+        for key in [*self.redis.scan_iter(count=1000), None]:
+            if key is not None:
+                batch.append(key)
+            if batch and (key is None or len(batch) == 1000):
+                with self.redis.pipeline(transaction=False) as pipe:
+                    for name in batch:
+                        pipe.memory_usage(name, samples=0)
+                    total += sum(int(n or 0) for n in pipe.execute())
+                batch = []
+        return total
 
     def commands_processed(self) -> int:
         """Redis commands processed so far (all databases)."""
@@ -245,41 +363,42 @@ class Bench:
 
     def _baseline(self, count: int, workers: int) -> float:
         """Bare RQ: ``count`` no-op jobs that each enqueue a no-op job on a second queue,
-        run by RQ's in-process worker; returns pairs per second."""
+        run by RQ's in-process worker; returns pairs per second.
+
+        Measured like ours: the workers are started first and the clock starts once every
+        one of them is registered and idle, just before the jobs are enqueued."""
         from rq import Queue
         from rq.serializers import JSONSerializer
 
         self.redis.flushdb()
-        first = Queue("bench-a", connection=self.redis, serializer=JSONSerializer)
-        with self.redis.pipeline() as pipe:
-            first.enqueue_many(
-                [Queue.prepare_data(noop_first, args=("bench-b",), result_ttl=60)
-                 for _ in range(count)],
-                pipeline=pipe,
-            )  # fmt: skip
-            pipe.execute()
+        queues = ("bench-a", "bench-b")
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         worker = [
             sys.executable, "-m", "rq.cli", "worker", "--url", self.redis_url,
             "-w", "rq.worker.SimpleWorker", "--serializer", "rq.serializers.JSONSerializer",
             "-q",
         ]  # fmt: skip
-        started = time.perf_counter()
-        procs = []
-        for queue in ("bench-a", "bench-b"):
+        for queue in queues:
             for _ in range(workers):
-                procs.append(
+                self.procs.append(
                     subprocess.Popen(
                         [*worker, queue], cwd=ROOT, env=env,
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                     )
                 )  # fmt: skip
-        finished = "rq:finished:bench-b"
+        self.wait_for_workers(list(queues), workers, idle=True)
+        first = Queue(queues[0], connection=self.redis, serializer=JSONSerializer)
+        jobs = [
+            Queue.prepare_data(noop_first, args=(queues[1],), result_ttl=60) for _ in range(count)
+        ]
+        with self.redis.pipeline() as pipe:
+            first.enqueue_many(jobs, pipeline=pipe)
+            started = time.perf_counter()
+            pipe.execute()
+        finished = f"rq:finished:{queues[1]}"
         self.wait(lambda: int(self.redis.zcard(finished)), count, "baseline", timeout=600)
         elapsed = time.perf_counter() - started
-        for proc in procs:
-            proc.terminate()
-            proc.wait()
+        self.stop_workers()
         self.redis.flushdb()
         return count / elapsed
 
@@ -340,12 +459,271 @@ class Bench:
         with self.configured():
             self.reset()
             before = int(self.redis.info("memory")["used_memory"])
-            for _ in tqdm(range(count // 500), desc="memory", file=self.out, leave=False):
-                submit_intents(_payloads(500))
+            sizes = [min(500, count - start) for start in range(0, count, 500)]
+            for size in tqdm(sizes, desc="memory", file=self.out, leave=False):
+                submit_intents(_payloads(size))
             after = int(self.redis.info("memory")["used_memory"])
+            keys = self.key_memory()
         result.add("waiting jobs", count)
         result.add("bytes per waiting job", (after - before) / count, "goal < 1 KB")
+        # used_memory is the whole server's: on a shared one, other clients move it too.
+        result.add("bytes per waiting job (this db's keys)", keys / count, "goal < 1 KB")
         return result
+
+    def execution(
+        self,
+        count: int = 300,
+        workers: int = 5,
+        *,
+        confirmations: int = 2,
+        profile: Path | None = None,
+        timeout: float = 900,
+    ) -> Result:
+        """N validated intents executed on anvil by ``workers`` execution workers, twice:
+        with the configured processor (a transaction waiting for confirmations is
+        re-checked later, the worker is free meanwhile), then with
+        ``BlockingExecutionProcessor`` (the worker waits). ``profile``: a directory for
+        the profile of each run's first worker."""
+        result = Result("execution")
+        result.add("intents", count)
+        result.add("execution workers", workers)
+        result.add("confirmations", confirmations)
+        variants = {
+            "recheck": (None, "re-checked later"),
+            "blocking": ("intentqueue.bench.BlockingExecutionProcessor", "waited in the worker"),
+        }
+        for name, (processor, label) in variants.items():
+            figures = self._execution_run(
+                name, processor, count, workers, confirmations=confirmations,
+                profile=profile, timeout=timeout,
+            )  # fmt: skip
+            goal = "goal >= 50/s" if processor is None else ""
+            result.add(f"{name}: intents/s ({label})", figures["intents_per_s"], goal)
+            result.add(f"{name}: fulfilled", f"{figures['fulfilled']}/{count}")
+            result.add(f"{name}: validated->fulfilled p50 ms", figures["validated_p50_ms"])
+            result.add(f"{name}: validated->fulfilled p99 ms", figures["validated_p99_ms"])
+            result.add(f"{name}: claimed->fulfilled p50 ms", figures["claimed_p50_ms"])
+            result.add(f"{name}: job runs per intent", figures["runs_per_intent"])
+            result.add(
+                f"{name}: CPU ms per intent: workers / database / anvil",
+                " / ".join(
+                    f"{figures[f'{part}_cpu_ms_per_intent']:.1f}"
+                    for part in ("worker", "database", "chains")
+                ),
+            )
+            result.add(f"{name}: machine CPU busy %", figures["machine_cpu_busy_pct"])
+            result.add(f"{name}: RPC calls per intent", figures["rpc_per_intent"])
+            result.add(f"{name}: DB transactions per intent", figures["db_xacts_per_intent"])
+            result.add(
+                f"{name}: Redis commands per intent (server-wide)", figures["redis_per_intent"]
+            )
+            result.add(f"{name}: nonce errors", figures["nonce_errors"], "goal: 0")
+            result.add(f"{name}: replaced or filled txs", figures["replacements"])
+            result.add(f"{name}: nonce gaps or reuses", figures["nonce_gaps"], "goal: 0")
+            result.add(f"{name}: duplicate fulfillments", figures["duplicates"], "goal: 0")
+            if "profile" in figures:
+                per = figures["profile"]["per_intent"]
+                result.add(
+                    f"{name}: profiled worker CPU ms per intent (x cProfile)",
+                    figures["profile"]["cpu_ms_per_intent"],
+                )
+                result.add(
+                    f"{name}: profiled worker RPC / Redis / SQL per intent",
+                    " / ".join(
+                        f"{per[part]['calls_per_intent']:.1f}"
+                        for part in ("RPC requests", "Redis round trips", "DB statements")
+                    ),
+                )
+            result.data[name] = figures
+        recheck, blocking = (result.data[n]["intents_per_s"] for n in variants)
+        if blocking:
+            result.add("recheck / blocking throughput", recheck / blocking)
+        return result
+
+    def _execution_run(
+        self,
+        name: str,
+        processor: str | None,
+        count: int,
+        workers: int,
+        *,
+        confirmations: int,
+        profile: Path | None,
+        timeout: float,
+    ) -> dict[str, Any]:
+        """One execution run on fresh chains with a fresh solver; its figures."""
+        from intentqueue.services import QueueService
+
+        extra: dict[str, Any] = {
+            # Every worker may run a job of the chain (the default bound is 3 per chain).
+            "breakers": {"max_in_flight_per_chain": workers},
+        }
+        if processor is not None:
+            extra["processors"] = {"execution": processor}
+        profiled = profile / f"execution-{name}-worker.prof" if profile else None
+        prefix = f"bench-{name}-{os.getpid()}"
+        with (
+            tempfile.TemporaryDirectory(prefix="intentqueue-bench-") as tmp,
+            AnvilChains(out=self.out, log_dir=Path(tmp)) as chains,
+        ):
+            chains.fund_solver(tokens=count * TOKEN_UNIT)
+            with self.configured(chains=chains.entries(confirmations), **extra) as conf:
+                self.reset()
+                intents = _validated_intents(chains, count)
+                xacts = _db_transactions()
+                self.start_workers(
+                    conf, EXECUTION_QUEUE, workers, name=prefix, profile=profiled,
+                    env={"SOLVER_PRIVATE_KEY": chains.solver_key},
+                )  # fmt: skip
+                self.wait_for_workers([EXECUTION_QUEUE], workers)
+                pids = [proc.pid for proc in self.procs]
+                anvils = [chain.process.pid for chain in chains.chains.values()]
+                rpc = chains.destination.rpc_calls()
+                commands = self.commands_processed()
+                service = QueueService(self.redis)
+                enqueued: dict[int, float] = {}
+                timed_out = False
+                with _StatementCount() as own:
+                    cpu = _CpuMarks(pids, anvils)
+                    started = time.time()
+                    for intent in intents:
+                        enqueued[intent.pk] = time.time()
+                        service.add_intent_to_execution_queue(intent)
+                    terminal = Intent.objects.filter(status__in=list(TERMINAL))
+                    try:  # few polls: each one is a transaction of this process
+                        self.wait(terminal.count, count, f"execution {name}", timeout, 0.2)
+                    except TimeoutError:
+                        timed_out = True
+                    measured: dict[str, Any] = {
+                        "elapsed_s": time.time() - started,
+                        "timed_out": timed_out,
+                        "redis_commands": self.commands_processed() - commands,
+                        "cpu": _CpuMarks(pids, anvils).since(cpu),
+                    }
+                    self.stop_workers()
+                measured.update(
+                    db_xacts=_db_transactions(since=xacts, own=own.count),
+                    rpc=chains.destination.rpc_calls() - rpc,
+                    runs=_worker_runs(self.redis, prefix, workers),
+                    nonce_gaps=_nonce_gaps(chains),
+                    events=chains.fulfilled_events(),
+                )  # fmt: skip
+        figures = _execution_figures(measured, enqueued, count)
+        figures["processor"] = processor or "configured (BlockchainProcessor)"
+        if profiled is not None and profiled.exists():
+            figures["profile"] = profile_summary(profiled, measured["runs"][0])
+            figures["profile"]["file"] = str(profiled)
+        return figures
+
+    def admin(self, count: int = 1_000_000, failed_jobs: int = 100_000, runs: int = 5) -> Result:
+        """Median response times of admin pages (``runs`` requests each, as a logged-in
+        superuser through every middleware) with ``count`` intents in the database and
+        ``failed_jobs`` failed jobs in the fulfillment queue's dead-letter queue."""
+        from django.test import override_settings
+
+        result = Result("admin")
+        with self.configured():
+            self._seed_admin(result, count, failed_jobs)
+            # As served in production: no query log, no host check of the test client.
+            with override_settings(
+                DEBUG=False, ALLOWED_HOSTS=["testserver"], SECURE_SSL_REDIRECT=False
+            ):
+                self._admin_pages(result, count, failed_jobs, runs)
+        result.data["runs per page"] = runs
+        result.data["database"] = connection.vendor
+        return result
+
+    def _seed_admin(self, result: Result, count: int, failed_jobs: int) -> None:
+        from intentqueue.seeding import create_intents, fill_dead_letter_queue
+
+        self.reset()
+        started = time.perf_counter()
+        create_intents(count)
+        with connection.cursor() as cursor:  # as autovacuum would (or PRAGMA optimize)
+            cursor.execute(f"ANALYZE {Intent._meta.db_table}")
+        created = time.perf_counter() - started
+        owners = list(Intent.objects.order_by("pk").values_list("pk", "hash")[:failed_jobs])
+        started = time.perf_counter()
+        fill_dead_letter_queue(
+            self.redis, failed_jobs, intents=owners if len(owners) == failed_jobs else None
+        )
+        filled = time.perf_counter() - started
+        memory = self.key_memory()
+        result.add("intents", count)
+        result.add("failed jobs", failed_jobs)
+        result.add("intents created in s", created)
+        result.add("failed jobs written in s", filled)
+        result.add("Redis bytes per failed job", memory / max(1, failed_jobs))
+
+    def _admin_pages(self, result: Result, count: int, failed_jobs: int, runs: int) -> None:
+        from datetime import timedelta
+
+        from django.contrib.auth import get_user_model
+        from django.test import Client
+        from django.urls import reverse
+        from django.utils import timezone
+
+        from intentqueue.admin import IntentAdmin
+        from intentqueue.admin_views import PER_PAGE
+        from intentqueue.dlq import DeadLetterIndex
+
+        user_model = get_user_model()
+        user = user_model.objects.filter(username="bench-admin").first()
+        if user is None:
+            user = user_model.objects.create_superuser("bench-admin", "bench@example.invalid")
+        client = Client()
+        client.force_login(user)
+        queue = "intent-fulfillment"
+        dlq = reverse("admin:intentqueue_dlq", args=[queue])
+        started = time.perf_counter()
+        first = served(client, dlq)
+        result.add("dead-letter first look ms (budgeted grouping)",
+                   (time.perf_counter() - started) * 1000, "goal < 1,500 ms")  # fmt: skip
+        if first.status_code != 200:
+            raise RuntimeError(f"{dlq}: HTTP {first.status_code}")
+        index = DeadLetterIndex(queue, self.redis)
+        started = time.perf_counter()
+        while not index.sync(budget=None).complete:
+            pass
+        result.add("dead-letter grouping finished in s", time.perf_counter() - started)
+        group = index.groups()[0]
+        group_url = reverse("admin:intentqueue_dlq_group", args=[queue, group.fingerprint])
+        job_id = index.job_ids(group.fingerprint, group.count // 2, 1)[0][0]
+        changelist = reverse("admin:intentqueue_intent_changelist")
+        since = (timezone.now() - timedelta(days=7)).isoformat()
+        hashed = f"0x{count // 2:064x}"
+        deep = max(1, min(100, count // IntentAdmin.list_per_page))  # a page deep in the list
+        pages: dict[str, tuple[str, dict[str, str]]] = {
+            "Queues page": (reverse("admin:intentqueue_queues"), {}),
+            "Queues live JSON": (reverse("admin:intentqueue_queues_live"), {}),
+            "dead-letter groups": (dlq, {}),
+            "dead-letter one group (filter)": (group_url, {}),
+            "dead-letter one group, last page": (
+                group_url, {"p": str(math.ceil(group.count / PER_PAGE))}
+            ),
+            "dead-letter all jobs, last page": (
+                reverse("admin:intentqueue_dlq_jobs", args=[queue]),
+                {"p": str(math.ceil(failed_jobs / PER_PAGE))},
+            ),
+            "failed job": (reverse("admin:intentqueue_job", args=[queue, job_id]), {}),
+            "intents": (changelist, {}),
+            "intents status FAILED": (changelist, {"status__exact": "FAILED"}),
+            "intents status EXECUTING": (changelist, {"status__exact": "EXECUTING"}),
+            "intents strategy native": (changelist, {"strategy": "native"}),
+            "intents source chain 137": (changelist, {"source_chain": "137"}),
+            "intents created past 7 days": (changelist, {"created_at__gte": since}),
+            "intents search hash": (changelist, {"q": hashed}),
+            "intents search correlation id": (changelist, {"q": f"perf-{count // 3}"}),
+            "intents search creator (all)": (changelist, {"q": "0x" + "33" * 20}),
+            f"intents page {deep}": (changelist, {"p": str(deep)}),
+        }  # fmt: skip
+        for name, (path, params) in tqdm(
+            pages.items(), desc="admin pages", file=self.out, leave=False
+        ):
+            seconds, response = timed(partial(served, client, path, params), runs)
+            result.add(f"{name} ms", seconds * 1000, "goal < 300 ms")
+            if name == "intents search hash":
+                result.data["search hash found"] = hashed[:10] in response.text
 
 
 def _stage_latencies() -> dict[str, list[float]]:
@@ -371,7 +749,349 @@ def _stage_latencies() -> dict[str, list[float]]:
 
 
 #: Scenario name -> ``Bench`` method.
-SCENARIOS = {"latency": "latency", "ingest": "ingest", "memory": "memory", "pipeline": "pipeline"}
+SCENARIOS = {
+    "latency": "latency", "ingest": "ingest", "memory": "memory", "pipeline": "pipeline",
+    "execution": "execution", "admin": "admin",
+}  # fmt: skip
+
+
+def write_result(result: Result, output: Path) -> Path:
+    """Write ``result``'s figures to ``output/<scenario>.json``; returns the file."""
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / f"{result.scenario}.json"
+    path.write_text(json.dumps(result.data, indent=2, default=str))
+    return path
+
+
+# --- the admin scenario --------------------------------------------------------------------
+
+
+def served(client: Any, path: str, params: dict[str, str] | None = None) -> Any:
+    """The response to a GET as the server makes it: through every middleware, without
+    the test client's recording of each template's context (which costs more than the
+    rendering itself on a list of 100 rows). ``client`` is a ``django.test.Client``."""
+    from urllib.parse import urlencode
+
+    environ = client._base_environ(
+        PATH_INFO=path, QUERY_STRING=urlencode(params or {}), REQUEST_METHOD="GET"
+    )
+    return client.handler(environ)
+
+
+def timed(get: Callable[[], Any], runs: int = 5) -> tuple[float, Any]:
+    """Median seconds of ``runs`` calls, and the last response (which must be a 200)."""
+    times, response = [], None
+    for _ in range(runs):
+        started = time.perf_counter()
+        response = get()
+        times.append(time.perf_counter() - started)
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {response}")
+    return statistics.median(times), response
+
+
+# --- the execution scenario ----------------------------------------------------------------
+
+
+def _validated_intents(chains: AnvilChains, count: int) -> list[Intent]:
+    """``count`` intents on ``chains``, stored VALIDATED (no fulfillment job)."""
+    from intentqueue.payloads import parse_intent_payload
+
+    payloads = [
+        chains.payload(*chains.make_intent(), source="bench", strategy="standard")
+        for _ in range(count)
+    ]
+    return Intent.objects.bulk_create(
+        [
+            Intent(**parse_intent_payload(p).model_fields(), status=IntentStatus.VALIDATED)
+            for p in payloads
+        ],
+        batch_size=500,
+    )
+
+
+def _execution_figures(
+    measured: dict[str, Any], enqueued: dict[int, float], count: int
+) -> dict[str, Any]:
+    """The figures of an execution run from what it measured and what the database says."""
+    from intentqueue.chain.models import ChainTransaction
+    from intentqueue.models import IntentTransition
+
+    fulfilled_at = dict(
+        IntentTransition.objects.filter(to_status=IntentStatus.FULFILLED, error="")
+        .values_list("intent_id", "at")
+    )  # fmt: skip
+    waits = [
+        (at.timestamp() - enqueued[pk]) * 1000 for pk, at in fulfilled_at.items() if pk in enqueued
+    ]
+    claimed = _stage_latencies()["execution"]
+    errors = Counter(
+        IntentTransition.objects.exclude(error="").values_list("error_type", flat=True)
+    )
+    txs = ChainTransaction.objects.all()
+    statuses = Counter(Intent.objects.values_list("status", flat=True))
+    fulfilled = statuses.get(IntentStatus.FULFILLED, 0)
+    elapsed, runs, rpc = measured["elapsed_s"], measured["runs"], measured["rpc"]
+    cpu, xacts = measured["cpu"], measured["db_xacts"]
+    return {
+        "intents_per_s": fulfilled / elapsed if elapsed else 0.0,
+        "elapsed_s": elapsed,
+        "timed_out": measured["timed_out"],
+        "fulfilled": fulfilled,
+        "statuses": dict(statuses),
+        "validated_p50_ms": percentile(waits, 0.5),
+        "validated_p99_ms": percentile(waits, 0.99),
+        "claimed_p50_ms": percentile(claimed, 0.5),
+        "claimed_p99_ms": percentile(claimed, 0.99),
+        "runs_per_intent": sum(r["successful"] + r["failed"] for r in runs) / count,
+        "worker_runs": runs,
+        "rpc_per_intent": sum(rpc.values()) / count,
+        "rpc_methods_per_intent": {m: n / count for m, n in rpc.most_common()},
+        "worker_cpu_ms_per_intent": cpu["workers"] * 1000 / count,
+        "database_cpu_ms_per_intent": cpu["database"] * 1000 / count,
+        "chains_cpu_ms_per_intent": cpu["chains"] * 1000 / count,
+        "machine_cpu_busy_pct": 100 * cpu["busy_share"],
+        "db_xacts_per_intent": xacts / count if xacts is not None else "n/a (SQLite)",
+        "redis_per_intent": measured["redis_commands"] / count,
+        "attempt_errors": dict(errors),
+        "nonce_errors": errors.get("nonce_conflict", 0) + errors.get("fee_too_low", 0),
+        "transactions": {
+            "approve": txs.filter(purpose=ChainTransaction.Purpose.APPROVE).count(),
+            "fulfill": txs.filter(purpose=ChainTransaction.Purpose.FULFILL).count(),
+            "fill": txs.filter(purpose=ChainTransaction.Purpose.FILL).count(),
+            "dropped": txs.filter(status=ChainTransaction.Status.DROPPED).count(),
+        },
+        "replacements": txs.filter(attempt__gt=0).count(),
+        "nonce_gaps": measured["nonce_gaps"],
+        "duplicates": sum(1 for n in measured["events"].values() if n > 1),
+    }
+
+
+class _StatementCount:
+    """Counts the SQL statements this process runs in the block."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._wrapper: Any = None
+
+    def __call__(self, execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        self.count += 1
+        return execute(sql, params, many, context)
+
+    def __enter__(self) -> _StatementCount:
+        self._wrapper = connection.execute_wrapper(self)
+        self._wrapper.__enter__()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._wrapper.__exit__(*exc_info)
+
+
+def _db_transactions(since: int | None = None, own: int = 0) -> int | None:
+    """PostgreSQL's count of finished transactions in this database (None elsewhere);
+    with ``since``, those after that reading less ``own`` (this process's statements,
+    each one a transaction of its own in autocommit)."""
+    if connection.vendor != "postgresql" or connection.pg_version < 150000:  # type: ignore[attr-defined]
+        return None
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_stat_force_next_flush()")  # this backend's own counts
+        time.sleep(0.5)  # exited backends (the workers) have flushed theirs
+        cursor.execute("SELECT pg_stat_clear_snapshot()")
+        cursor.execute(
+            "SELECT xact_commit + xact_rollback FROM pg_stat_database "
+            "WHERE datname = current_database()"
+        )
+        row = cursor.fetchone()
+    total = int(row[0]) if row else 0
+    # This reading itself: three statements after the flush request above.
+    return total if since is None else total - since - own - 3
+
+
+class _CpuMarks:
+    """CPU seconds used so far by the worker processes, the database's server processes
+    (PostgreSQL on this machine) and the chains, and the machine's busy and total CPU
+    time (from ``/proc``: Linux only; zeros elsewhere)."""
+
+    def __init__(self, workers: list[int], chains: list[int]) -> None:
+        self.groups = {
+            "workers": _process_cpu(_with_descendants(workers)),  # with their schedulers
+            "database": _process_cpu(_database_pids()),
+            "chains": _process_cpu(_with_descendants(chains)),  # anvil runs under node
+        }
+        self.busy, self.total = _machine_cpu()
+
+    def since(self, earlier: _CpuMarks) -> dict[str, float]:
+        """Seconds used between ``earlier`` and this, per group, and ``busy_share``. A
+        process that had not started at ``earlier`` counts in full."""
+        used = {
+            group: sum(cpu - earlier.groups[group].get(pid, 0.0) for pid, cpu in pids.items())
+            for group, pids in self.groups.items()
+        }
+        total = self.total - earlier.total
+        used["busy_share"] = (self.busy - earlier.busy) / total if total else 0.0
+        return used
+
+
+def _process_cpu(pids: list[int]) -> dict[int, float]:
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    used = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            used[pid] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        except (OSError, ValueError, IndexError):
+            pass
+    return used
+
+
+def _with_descendants(pids: list[int]) -> list[int]:
+    """``pids`` and every process below them."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parents[int(entry)] = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    found, changed = set(pids), True
+    while changed:
+        below = {pid for pid, parent in parents.items() if parent in found} - found
+        changed = bool(below)
+        found |= below
+    return sorted(found)
+
+
+def _machine_cpu() -> tuple[float, float]:
+    try:
+        with open("/proc/stat") as stat:
+            ticks = [float(t) for t in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    total = sum(ticks[:8])  # guest time is counted in user time already
+    return total - ticks[3] - ticks[4], total  # busy: all but idle and iowait
+
+
+def _database_pids() -> list[int]:
+    """Server processes of the other sessions on this PostgreSQL database."""
+    if connection.vendor != "postgresql" or connection.settings_dict.get("HOST") not in (
+        "127.0.0.1", "localhost", "", None,
+    ):  # fmt: skip
+        return []
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pid FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        return [int(row[0]) for row in cursor.fetchall()]
+
+
+def _worker_runs(client: redis.Redis, prefix: str, count: int) -> list[dict[str, Any]]:
+    """Job runs of the workers ``<prefix>-0`` .. ``<prefix>-<count-1>`` (RQ counts a run
+    that raised, such as a re-check, as failed)."""
+    runs = []
+    for index in range(count):
+        raw = client.hgetall(f"rq:worker:{prefix}-{index}")
+        fields = {_text(k): _text(v) for k, v in raw.items()}
+        runs.append({
+            "worker": f"{prefix}-{index}",
+            "successful": int(fields.get("successful_job_count") or 0),
+            "failed": int(fields.get("failed_job_count") or 0),
+            "working_s": float(fields.get("total_working_time") or 0),
+        })  # fmt: skip
+    return runs
+
+
+def _nonce_gaps(chains: AnvilChains) -> int:
+    """Nonces of the solver on the destination chain used by no stored transaction, plus
+    nonces two live transactions claim (0: every nonce used exactly once)."""
+    from intentqueue.chain.models import ChainTransaction
+
+    over = [ChainTransaction.Status.DROPPED, ChainTransaction.Status.REPLACED]
+    used = Counter(
+        ChainTransaction.objects.filter(chain_id=chains.destination.chain_id)
+        .exclude(status__in=over)
+        .values_list("nonce", flat=True)
+    )
+    sent = chains.destination.w3.eth.get_transaction_count(chains.solver.address)
+    return len(set(range(sent)) - set(used)) + sum(n - 1 for n in used.values() if n > 1)
+
+
+#: What a worker's profile is summed up by: label -> (file path suffix, function name).
+PROFILE_PARTS = {
+    "job (execute_job)": ("intentqueue/worker.py", "execute_job"),
+    "processor (handle)": ("intentqueue/processors/execution.py", "handle"),
+    "dequeue (pause checks, BLMOVE)": ("intentqueue/worker.py", "dequeue_job_and_maintain_ttl"),
+    "RPC requests": ("requests/sessions.py", "send"),
+    "Redis round trips": ("redis/connection.py", "send_packed_command"),
+    "Redis replies": ("redis/connection.py", "read_response"),
+    "DB statements": ("django/db/backends/utils.py", "_execute"),
+    "DB commits": ("django/db/backends/base/base.py", "commit"),
+    "signing": ("eth_account/account.py", "sign_transaction"),
+    "ABI encoding": ("web3/contract/base_contract.py", "encode_abi"),
+}
+
+
+def profile_summary(path: Path, runs: dict[str, Any], top: int = 25) -> dict[str, Any]:
+    """Where one ``ProfiledWorker``'s CPU time went, per intent it fulfilled (its
+    successful runs): calls and CPU ms of ``PROFILE_PARTS``, CPU ms by package, and the
+    functions with the most CPU time of their own."""
+    stats: Any = pstats.Stats(str(path))
+    intents = max(1, int(runs["successful"]))
+    parts: dict[str, Any] = {}
+    for label, (suffix, name) in PROFILE_PARTS.items():
+        calls, seconds = 0, 0.0
+        for (filename, _line, function), (_cc, nc, _tt, ct, _callers) in stats.stats.items():
+            if function == name and filename.endswith(suffix):
+                calls += nc
+                seconds += ct
+        parts[label] = {
+            "calls_per_intent": round(calls / intents, 2),
+            "cpu_ms_per_intent": round(seconds * 1000 / intents, 2),
+        }
+    packages: Counter[str] = Counter()
+    for (filename, _line, _function), (_cc, _nc, tt, _ct, _callers) in stats.stats.items():
+        packages[_package(filename)] += tt
+    ranked = sorted(stats.stats.items(), key=lambda item: item[1][2], reverse=True)[:top]
+    return {
+        "worker": runs["worker"],
+        "intents": intents,
+        "runs": int(runs["successful"]) + int(runs["failed"]),
+        "cpu_s": round(float(stats.total_tt), 2),
+        "cpu_ms_per_intent": round(float(stats.total_tt) * 1000 / intents, 2),
+        "per_intent": parts,
+        "cpu_ms_per_intent_by_package": {
+            name: round(seconds * 1000 / intents, 2) for name, seconds in packages.most_common()
+        },
+        "top_own_cpu": [
+            {"function": f"{_short_path(f)}:{line}({func})", "calls": nc,
+             "own_ms_per_intent": round(tt * 1000 / intents, 3),
+             "cumulative_ms_per_intent": round(ct * 1000 / intents, 3)}
+            for (f, line, func), (_cc, nc, tt, ct, _callers) in ranked
+        ],
+    }  # fmt: skip
+
+
+def _package(filename: str) -> str:
+    """The distribution a profiled function belongs to (``~``: built-in functions)."""
+    if filename == "~":
+        return "builtins (C)"
+    for marker in ("site-packages/", str(ROOT) + "/"):
+        if marker in filename:
+            return filename.split(marker, 1)[1].split("/", 1)[0].removesuffix(".py")
+    return "stdlib"
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _short_path(filename: str) -> str:
+    for marker in ("site-packages/", str(ROOT) + "/"):
+        if marker in filename:
+            return filename.split(marker, 1)[1]
+    return filename
 
 
 def _payloads(count: int) -> list[dict[str, Any]]:

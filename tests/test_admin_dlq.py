@@ -1,17 +1,15 @@
 """The dead-letter grouping (``intentqueue.dlq``) on its own, against a real Redis.
 
-``fill_dead_letter_queue`` writes failed jobs the way RQ and our failure handler leave
-them (job hash, result stream entry, failed-registry entry), with a pipeline, so tests
-can have 100,000 of them in a few seconds.
+``fill_dead_letter_queue`` (``intentqueue.seeding``, imported from here by the other
+admin tests) writes failed jobs the way RQ and our failure handler leave them, with a
+pipeline, so tests can have 100,000 of them in a few seconds.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import time
-import zlib
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -27,99 +25,10 @@ from intentqueue.dlq import (
     normalise_message,
     split_error,
 )
-from intentqueue.jobs import FULFILLMENT_FUNC
+from intentqueue.seeding import KINDS, fill_dead_letter_queue
 from intentqueue.services import FAILED_TTL
 
-#: Error messages of the kinds a solver sees; ``{}`` parts vary per job.
-KINDS = [
-    ("transient", "TransientError", "RPC timeout after {n} ms calling 0x{addr}"),
-    ("network", "NetworkError", "connection refused by 10.0.{a}.{b}:8545"),
-    ("permanent", "PermanentError", "no intent 0x{h64} with id {n}"),
-    ("insufficient_balance", "InsufficientBalanceError", "balance {n} below {m} of 0x{addr}"),
-    ("RuntimeError", "RuntimeError", "unexpected crash on run {a}"),
-]
-
-
-def _message(template: str, seq: int) -> str:
-    return template.format(
-        n=seq * 7 + 13, m=seq * 11 + 5, a=seq % 250, b=(seq * 3) % 250,
-        addr=f"{seq:040x}", h64=f"{seq:064x}",
-    )  # fmt: skip
-
-
-def fill_dead_letter_queue(
-    client: redis.Redis,
-    count: int,
-    *,
-    band: str = "intent-fulfillment",
-    kinds: list[tuple[str, str, str]] | None = None,
-    start: int = 0,
-    failed_at: datetime | None = None,
-    intents: list[tuple[int, str]] | None = None,
-) -> list[str]:
-    """Write ``count`` failed jobs into ``band``'s failed registry; returns their ids.
-
-    Job ``i`` fails with ``kinds[i % len(kinds)]`` after 3 attempts. ``intents`` gives
-    (id, hash) per job; by default the jobs point at intents that do not exist.
-    """
-    kinds = kinds or KINDS
-    now = failed_at or datetime.now(UTC)
-    ids = []
-    prefix = "fulfillment" if "fulfillment" in band else "execution"
-    with client.pipeline(transaction=False) as pipe:
-        for offset in range(count):
-            seq = start + offset
-            intent_id, intent_hash = intents[offset] if intents else (seq + 1, f"0x{seq:064x}")
-            job_id = f"{prefix}-{intent_hash.removeprefix('0x')}"
-            error_type, exc_class, template = kinds[seq % len(kinds)]
-            message = f"{exc_class}: {_message(template, seq)}"
-            ended = now - timedelta(seconds=count - offset)
-            errors = [
-                {"attempt": attempt, "type": error_type, "message": message,
-                 "at": (ended - timedelta(seconds=3 - attempt)).isoformat(),
-                 "final": attempt == 3}
-                for attempt in (1, 2, 3)
-            ]  # fmt: skip
-            meta = {"max_attempts": 3, "priority": 10, "errors": errors,
-                    "failure_reason": error_type}  # fmt: skip
-            data = [
-                FULFILLMENT_FUNC, None,
-                [{"intentId": intent_id, "intentHash": intent_hash, "strategy": "standard",
-                  "metadata": {"source": "tests"}}],
-                {},
-            ]  # fmt: skip
-            stamp = ended.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-            pipe.hset(
-                f"rq:job:{job_id}",
-                mapping={
-                    "created_at": stamp, "enqueued_at": stamp, "started_at": stamp,
-                    "ended_at": stamp, "last_heartbeat": stamp, "status": "failed",
-                    "origin": band, "worker_name": "worker-1", "timeout": 300,
-                    "data": zlib.compress(json.dumps(data).encode()),
-                    "meta": json.dumps(meta), "failure_ttl": FAILED_TTL, "result_ttl": 604800,
-                    "retries_left": 0, "description": f"{FULFILLMENT_FUNC}(...)",
-                    "failure_callback_name": "intentqueue.jobs.on_job_failure",
-                },
-            )  # fmt: skip
-            traceback = (
-                "Traceback (most recent call last):\n"
-                '  File "intentqueue/jobs.py", line 25, in run_fulfillment\n'
-                "    return FulfillmentProcessor(get_current_job()).process(data)\n"
-                f"intentqueue.exceptions.{message}\n"
-            )
-            exc = base64.b64encode(zlib.compress(traceback.encode())).decode()
-            pipe.xadd(
-                f"rq:results:{job_id}",
-                {"type": 2, "worker_name": "worker-1", "exc_string": exc},
-                id=f"{int(ended.timestamp() * 1000)}-0",
-            )
-            pipe.zadd(f"rq:failed:{band}", {job_id: int(ended.timestamp()) + FAILED_TTL})
-            ids.append(job_id)
-            if offset % 5000 == 4999:
-                pipe.execute()
-        pipe.execute()
-    return ids
-
+__all__ = ["KINDS", "fill_dead_letter_queue"]
 
 # --- fingerprints ------------------------------------------------------------------------
 

@@ -7,9 +7,7 @@ The sizes can be raised for a measurement run: ``DLQ_PERF_JOBS`` (default 100,00
 from __future__ import annotations
 
 import os
-import statistics
 import time
-from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -20,9 +18,10 @@ from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
 
+from intentqueue.bench import served, timed
 from intentqueue.dlq import DeadLetterIndex
 from intentqueue.models import Intent
-from tests.test_admin_dlq import fill_dead_letter_queue
+from intentqueue.seeding import create_intents, fill_dead_letter_queue
 
 pytestmark = [pytest.mark.django_db, pytest.mark.slow]
 
@@ -34,29 +33,6 @@ def client(admin_user: Any) -> Client:
     client = Client()
     client.force_login(admin_user)
     return client
-
-
-def served(client: Client, path: str, params: dict[str, str] | None = None) -> Any:
-    """The response to a GET as the server makes it: through every middleware, without
-    the test client's recording of each template's context (which costs more than the
-    rendering itself on a list of 100 rows)."""
-    from urllib.parse import urlencode
-
-    environ = client._base_environ(
-        PATH_INFO=path, QUERY_STRING=urlencode(params or {}), REQUEST_METHOD="GET"
-    )
-    return client.handler(environ)
-
-
-def timed(get: Callable[[], Any], runs: int = 5) -> tuple[float, Any]:
-    """Median seconds of ``runs`` calls, and the last response (which must be a 200)."""
-    times, response = [], None
-    for _ in range(runs):
-        started = time.perf_counter()
-        response = get()
-        times.append(time.perf_counter() - started)
-        assert response.status_code == 200, response
-    return statistics.median(times), response
 
 
 def test_pages_with_100k_failed_jobs(client: Client, redis_client: redis.Redis) -> None:
@@ -108,75 +84,6 @@ def test_pages_with_100k_failed_jobs(client: Client, redis_client: redis.Redis) 
     assert confirm < 0.5
     groups_page = results["dead-letter groups"][1].content.decode()
     assert f"{count:,} failed jobs" in groups_page
-
-
-#: (status, share in percent): most intents are done, a few are in flight or failed.
-MIX = [("PENDING", 1), ("VALIDATING", 1), ("VALIDATED", 1), ("EXECUTING", 1), ("FAILED", 3),
-       ("INVALID", 4), ("FULFILLED", 89)]  # fmt: skip
-
-
-def create_intents(count: int) -> None:
-    """``count`` intents written by the database itself (one INSERT ... SELECT over a
-    number series), spread over the statuses as in ``MIX``, two strategies, four source
-    chains and the last 30 days. Columns not varied here take the model's defaults."""
-    template = Intent(
-        source_chain_id=1, destination_chain_id=10, route_salt="0x" + "00" * 32,
-        route_deadline=2_000_000_000, route_portal="0x" + "11" * 20, route_native_amount=0,
-        reward_deadline=2_000_000_000, reward_creator="0x" + "33" * 20,
-        reward_prover="0x" + "44" * 20, reward_native_amount=0, source="perf",
-        created_at=timezone.now(), updated_at=timezone.now(),
-    )  # fmt: skip
-    vendor = connection.vendor
-    seconds = 30 * 24 * 3600
-    buckets, bound = [], 0
-    for status, share in MIX:
-        bound += share
-        buckets.append(f"WHEN n %% 100 < {bound} THEN '{status}'")
-    status_sql = f"CASE {' '.join(buckets)} END"
-    if vendor == "postgresql":
-        computed = {
-            "hash": "'0x' || lpad(to_hex(n), 64, '0')",
-            "status": status_sql,
-            "strategy": "CASE WHEN n %% 4 = 0 THEN 'native' ELSE 'standard' END",
-            "source_chain_id": "(ARRAY[1, 10, 137, 8453])[1 + n %% 4]",
-            "correlation_id": "'perf-' || n",
-            "created_at": f"now() - make_interval(secs => n * {seconds}.0 / {count})",
-        }
-        series = f"generate_series(0, {count - 1}) AS n"
-        prefix = ""
-    else:
-        computed = {
-            "hash": "printf('0x%%064x', n)",
-            "status": status_sql,
-            "strategy": "CASE WHEN n %% 4 = 0 THEN 'native' ELSE 'standard' END",
-            "source_chain_id": "CASE n %% 4 WHEN 0 THEN 1 WHEN 1 THEN 10 WHEN 2 THEN 137 "
-            "ELSE 8453 END",
-            "correlation_id": "'perf-' || n",
-            "created_at": "strftime('%%Y-%%m-%%d %%H:%%M:%%f', 'now', '-' || "
-            f"(n * {seconds} / {count}) || ' seconds')",
-        }
-        prefix = (
-            f"WITH RECURSIVE seq(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM seq "
-            f"WHERE n < {count - 1}) "
-        )
-        series = "seq"
-    columns, values, params = [], [], []
-    for field in Intent._meta.concrete_fields:
-        if field.primary_key:
-            continue
-        columns.append(connection.ops.quote_name(field.column))
-        if field.attname in computed:
-            values.append(computed[field.attname])
-        else:
-            values.append("%s")
-            params.append(field.get_db_prep_save(getattr(template, field.attname), connection))
-    sql = (
-        f"{prefix}INSERT INTO {Intent._meta.db_table} ({', '.join(columns)}) "
-        f"SELECT {', '.join(values)} FROM {series}"
-    )
-    # Literal percent signs are doubled above: both backends take %s placeholders.
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
 
 
 def test_intent_list_with_many_intents(client: Client) -> None:

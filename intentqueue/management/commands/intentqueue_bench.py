@@ -1,12 +1,12 @@
 """``manage.py intentqueue_bench [scenario ...]``: measure what intentqueue promises.
 
 Runs in a scratch copy of the configured database (created and dropped here) and its own
-Redis database index; see ``intentqueue.bench`` for the scenarios.
+Redis database index; see ``intentqueue.bench`` for the scenarios. With no scenario
+named, runs them all (``execution`` only where anvil is installed).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,8 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connection
 
-from intentqueue.bench import SCENARIOS, Bench
+from intentqueue.anvil import anvil_available
+from intentqueue.bench import SCENARIOS, Bench, write_result
 
 
 class Command(BaseCommand):
@@ -22,19 +23,41 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
-            "scenarios", nargs="*", default=["latency", "ingest", "memory", "pipeline"],
-            help=f"Scenarios to run, of: {', '.join(SCENARIOS)}.",
+            "scenarios", nargs="*", default=[],
+            help=f"Scenarios to run, of: {', '.join(SCENARIOS)} (default: all).",
         )  # fmt: skip
-        parser.add_argument("--intents", type=int, default=None, help="Intents per scenario.")
+        parser.add_argument(
+            "--intents", type=int, default=None,
+            help="Intents per scenario (defaults: pipeline 2,000, execution 300, admin "
+            "1,000,000, ...).",
+        )  # fmt: skip
+        parser.add_argument(
+            "--failed-jobs", type=int, default=None,
+            help="admin: failed jobs in the dead-letter queue (default 100,000).",
+        )  # fmt: skip
+        parser.add_argument(
+            "--workers", type=int, default=None,
+            help="execution: execution worker processes (default 5).",
+        )  # fmt: skip
+        parser.add_argument(
+            "--profile", action="store_true",
+            help="execution: run the first worker under cProfile and sum up its time.",
+        )  # fmt: skip
         parser.add_argument("--redis-db", type=int, default=13, help="Scratch Redis db index.")
         parser.add_argument(
             "--output", default=None, help="Directory for the JSON files (var/bench)."
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        unknown = set(options["scenarios"]) - set(SCENARIOS)
+        names = list(options["scenarios"]) or list(SCENARIOS)
+        unknown = set(names) - set(SCENARIOS)
         if unknown:
             raise CommandError(f"unknown scenarios {sorted(unknown)}; known: {list(SCENARIOS)}")
+        if "execution" in names and not anvil_available():
+            if options["scenarios"]:
+                raise CommandError("execution needs anvil in node_modules/.bin (run `npm ci`)")
+            self.stderr.write("skipping execution: anvil is not installed (run `npm ci`)")
+            names.remove("execution")
         output = Path(options["output"] or Path(settings.VAR_DIR) / "bench")
         output.mkdir(parents=True, exist_ok=True)
         if connection.vendor == "sqlite":  # a file, so worker processes share it
@@ -43,12 +66,26 @@ class Command(BaseCommand):
         old_name = connection.creation.create_test_db(verbosity=0, autoclobber=True)
         bench = Bench(redis_db=options["redis_db"], out=self.stderr)
         try:
-            for name in options["scenarios"]:
-                kwargs = {"count": options["intents"]} if options["intents"] else {}
-                result = getattr(bench, SCENARIOS[name])(**kwargs)
+            for name in names:
+                result = getattr(bench, SCENARIOS[name])(**_scenario_options(name, options, output))
                 self.stdout.write(result.table())
-                (output / f"{name}.json").write_text(json.dumps(result.data, indent=2, default=str))
+                write_result(result, output)
         finally:
             bench.reset()
             connection.creation.destroy_test_db(old_name, verbosity=0)
         self.stdout.write(f"results in {output}")
+
+
+def _scenario_options(name: str, options: dict[str, Any], output: Path) -> dict[str, Any]:
+    """The keyword arguments of scenario ``name`` from the command's options."""
+    kwargs: dict[str, Any] = {}
+    if options["intents"]:
+        kwargs["count"] = options["intents"]
+    if name == "admin" and options["failed_jobs"] is not None:
+        kwargs["failed_jobs"] = options["failed_jobs"]
+    if name == "execution":
+        if options["workers"]:
+            kwargs["workers"] = options["workers"]
+        if options["profile"]:
+            kwargs["profile"] = output
+    return kwargs
