@@ -94,6 +94,8 @@ def ensure_embedded_redis(data_dir: Path) -> str:
                     "appendfsync": "everysec",
                     "save": "",
                     "maxmemory-policy": "noeviction",
+                    # A job hash's values fit the compact encoding (see README: Redis).
+                    "hash-max-listpack-value": "256",
                     "logfile": "valkey.log",
                 },
             )

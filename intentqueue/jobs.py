@@ -86,6 +86,29 @@ class IntentJob(Job):
 
     _foreign_webhooks = False
 
+    def save(
+        self, pipeline: Any = None, include_meta: bool = True, include_result: bool = True
+    ) -> None:
+        """RQ's save, without RQ's empty fields: RQ writes up to nine ``''`` values (no
+        callback, not started, no worker...) into every job hash, each a hash entry of its
+        own (~70 bytes with Redis's default encoding, a third of a waiting job's memory).
+        They are deleted instead of written, which reads back the same (absent is empty)."""
+        mapping = self.to_dict(include_meta=include_meta, include_result=include_result)
+        # Read back as None by ``restore`` below (RQ's default applies): not worth an entry.
+        mapping.pop("failure_callback_timeout", None)
+        empty = [name for name, value in mapping.items() if value == ""]
+        filled = {name: value for name, value in mapping.items() if value != ""}
+        if pipeline is not None:
+            pipeline.hset(self.key, mapping=filled)
+            if empty:
+                pipeline.hdel(self.key, *empty)
+            return
+        with self.connection.pipeline() as pipe:
+            pipe.hset(self.key, mapping=filled)
+            if empty:
+                pipe.hdel(self.key, *empty)
+            pipe.execute()
+
     def restore(self, raw_data: Any) -> Any:
         result = super().restore(raw_data)
         # A job hash written by hand can hold JSON meta that is not an object (or no JSON at

@@ -14,6 +14,7 @@ from django.db import IntegrityError, transaction
 from redis import Redis
 from redis.exceptions import RedisError, WatchError
 from rq import Callback, Queue
+from rq.defaults import DEFAULT_FAILURE_TTL
 from rq.exceptions import DeserializationError, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import (
@@ -62,8 +63,9 @@ LIVE_STATUSES = frozenset(
 )
 #: How long a finished job's hash lives at most; the count limit usually removes it sooner.
 FINISHED_TTL = 7 * 24 * 3600
-#: How long a failed job stays in the dead-letter queue at most.
-FAILED_TTL = 365 * 24 * 3600
+#: How long a failed job stays in the dead-letter queue at most: RQ's default, which is
+#: therefore not written into every job hash.
+FAILED_TTL = DEFAULT_FAILURE_TTL
 #: Seconds a job may run before RQ stops it.
 JOB_TIMEOUT = 300
 
@@ -294,15 +296,17 @@ class QueueService:
         }
         if carrier:
             meta[META_KEY] = carrier
+        func = jobs.FULFILLMENT_FUNC if target.key == "fulfillment" else jobs.EXECUTION_FUNC
         job = queue.create_job(
-            jobs.FULFILLMENT_FUNC if target.key == "fulfillment" else jobs.EXECUTION_FUNC,
+            func,
             args=(data.to_json(),),
+            # RQ's default repeats the data (112 bytes); the id already names the intent.
+            description=f"{func.rsplit('.', 1)[-1]}(intent {intent.pk})",
             job_id=job_id_for(target.key, intent.hash),
             retry=target.retry(attempts, backoff_ms),
             on_failure=Callback(jobs.on_job_failure),
             timeout=JOB_TIMEOUT,
             result_ttl=0 if keep.keep_count(keep.remove_on_complete) == 0 else FINISHED_TTL,
-            failure_ttl=FAILED_TTL,
             meta=meta,
         )
         return queue, job

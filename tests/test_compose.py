@@ -30,6 +30,7 @@ def test_services_present_with_healthchecks() -> None:
         assert "healthcheck" in services[name], name
     assert "--requirepass" in services["redis"]["command"]
     assert "noeviction" in services["redis"]["command"]
+    assert "--hash-max-listpack-value 256" in services["redis"]["command"]
 
 
 def test_app_commands_point_at_real_entry_points() -> None:
