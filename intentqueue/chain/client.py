@@ -9,6 +9,13 @@ Errors are classified by their lower-cased message, not by code: anvil, geth and
 dev chain use different codes for the same condition. ``Web3RPCError`` is not a
 ``ValueError`` in web3 8 and ``TransactionNotFound`` subclasses it, so lookups that may
 find nothing catch ``TransactionNotFound`` first.
+
+The reads an execution job makes on every run (nonce, balances, ``eth_call`` views,
+block headers, receipts, fee data) go to the node through ``ChainClient.request()``:
+raw JSON-RPC, decoded only as far as the solver needs. Through web3's method and
+contract machinery each cost several times the CPU of its round trip, and a worker's
+CPU is what limits how many intents it executes. Errors are the same ``Web3RPCError``
+web3 raises, classified the same way.
 """
 
 from __future__ import annotations
@@ -16,16 +23,21 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import requests
+from eth_abi import decode as abi_decode
+from eth_abi import encode as abi_encode
 from eth_utils import keccak, to_checksum_address
+from hexbytes import HexBytes
 from web3 import Web3
 from web3.contract import Contract
+from web3.datastructures import AttributeDict
 from web3.exceptions import (
     BadFunctionCallOutput,
     ContractLogicError,
@@ -168,6 +180,23 @@ def contract_abi(name: str) -> list[dict[str, Any]]:
     return list(artifact["abi"])
 
 
+@functools.lru_cache(maxsize=4096)
+def checksum(address: str) -> str:
+    """``to_checksum_address``, memoised: the same few addresses are checksummed on every
+    run, and each checksum is a keccak."""
+    return str(to_checksum_address(address))
+
+
+def selector(signature: str) -> str:
+    """The 4-byte function selector of ``signature`` (``balanceOf(address)``), 0x hex."""
+    return "0x" + keccak(text=signature)[:4].hex()
+
+
+_BALANCE_OF: Final = selector("balanceOf(address)")
+_ALLOWANCE: Final = selector("allowance(address,address)")
+_FULFILLED: Final = selector("fulfilled(bytes32)")
+
+
 @functools.cache
 def _error_selectors() -> dict[str, str]:
     """4-byte selectors of the custom errors of our contracts, to their signatures."""
@@ -208,6 +237,7 @@ class ChainClient:
         provider = Web3.HTTPProvider(
             config.rpc_url,
             request_kwargs={"timeout": config.rpc_timeout},
+            session=rpc_session(config.rpc_url),
             # web3 would retry a timeout five times with backoff; one retry is enough,
             # and a broadcast retried after a timeout is settled by its hash anyway.
             exception_retry_configuration=ExceptionRetryConfiguration(
@@ -222,15 +252,68 @@ class ChainClient:
         self.portal: Contract = self.w3.eth.contract(
             address=to_checksum_address(config.portal), abi=contract_abi("Portal")
         )
+        self._tokens: dict[str, Contract] = {}
+        #: ``(block number, block hash, fees)`` of the last ``fees()``: the tip is asked
+        #: again only when the head block changed.
+        self._fees: tuple[int, str, dict[str, int]] | None = None
 
     def __repr__(self) -> str:
         return f"<ChainClient {self.config!r}>"
 
     def token(self, address: str) -> Contract:
-        """An ERC-20 contract (our ``TestToken`` ABI covers the standard calls)."""
-        return self.w3.eth.contract(
-            address=to_checksum_address(address), abi=contract_abi("TestToken")
-        )
+        """An ERC-20 contract (our ``TestToken`` ABI covers the standard calls), built
+        once per address: building one parses the whole ABI."""
+        contract = self._tokens.get(address)
+        if contract is None:
+            contract = self._tokens[address] = self.w3.eth.contract(
+                address=to_checksum_address(address), abi=contract_abi("TestToken")
+            )
+        return contract
+
+    # --- raw JSON-RPC ---
+
+    def request(self, method: str, params: list[Any]) -> Any:
+        """The ``result`` of one JSON-RPC call, without web3's request and result
+        formatters (hex strings stay hex strings). An error answer raises
+        ``Web3RPCError``, as web3 would; callers classify it."""
+        response = self.w3.provider.make_request(method, params)  # type: ignore[arg-type]
+        error = response.get("error")
+        if error is not None:
+            message = error.get("message", error) if isinstance(error, dict) else error
+            raise Web3RPCError(str(message), rpc_response=response)
+        return response.get("result")
+
+    def call(self, to: str, data: str) -> bytes:
+        """``eth_call`` of ``data`` on ``to`` at the latest block; the returned bytes.
+
+        An empty answer is ``BadFunctionCallOutput`` (``to`` is not a contract), as
+        web3's contract calls have it."""
+        result = self.request("eth_call", [{"to": to, "data": data}, "latest"])
+        output = bytes.fromhex(str(result or "0x")[2:])
+        if not output:
+            raise BadFunctionCallOutput(f"no data returned by a call to {to} (is it a contract?)")
+        return output
+
+    def _view_uint(self, to: str, data: str) -> int:
+        return int(abi_decode(["uint256"], self.call(to, data))[0])
+
+    def head(self) -> dict[str, Any]:
+        """``{"number", "hash", "base_fee"}`` of the latest block (no transactions)."""
+        return self.header("latest")
+
+    def header(self, block: int | str) -> dict[str, Any]:
+        """``{"number", "hash", "base_fee"}`` of block ``block`` (a number or a tag).
+        ``TransientError`` when the node does not have it."""
+        tag = hex(block) if isinstance(block, int) else block
+        with rpc_errors("eth_getBlockByNumber"):
+            found = self.request("eth_getBlockByNumber", [tag, False])
+        if not found:
+            raise TransientError(f"block {block} not found")
+        return {
+            "number": int(found["number"], 16),
+            "hash": str(found["hash"]).lower(),
+            "base_fee": int(found.get("baseFeePerGas") or "0x0", 16),
+        }
 
     # --- reads ---
 
@@ -241,24 +324,24 @@ class ChainClient:
     def nonce(self, address: str, block: str = "latest") -> int:
         """Transactions sent by ``address`` as of ``block`` (``latest`` or ``pending``)."""
         with rpc_errors("eth_getTransactionCount"):
-            return int(self.w3.eth.get_transaction_count(to_checksum_address(address), block))  # type: ignore[arg-type]
+            return int(self.request("eth_getTransactionCount", [checksum(address), block]), 16)
 
     def balance(self, address: str) -> int:
         with rpc_errors("eth_getBalance"):
-            return int(self.w3.eth.get_balance(to_checksum_address(address)))
+            return int(self.request("eth_getBalance", [checksum(address), "latest"]), 16)
+
+    # The ERC-20 and portal reads below encode their calldata themselves: through a
+    # web3 contract function each would cost more CPU than its round trip.
 
     def token_balance(self, token: str, owner: str) -> int:
         with rpc_errors(f"balanceOf on {token}"):
-            return int(self.token(token).functions.balanceOf(to_checksum_address(owner)).call())
+            data = _BALANCE_OF + abi_encode(["address"], [checksum(owner)]).hex()
+            return self._view_uint(checksum(token), data)
 
     def allowance(self, token: str, owner: str, spender: str) -> int:
         with rpc_errors(f"allowance on {token}"):
-            contract = self.token(token)
-            return int(
-                contract.functions.allowance(
-                    to_checksum_address(owner), to_checksum_address(spender)
-                ).call()
-            )
+            args = abi_encode(["address", "address"], [checksum(owner), checksum(spender)])
+            return self._view_uint(checksum(token), _ALLOWANCE + args.hex())
 
     def has_code(self, address: str) -> bool:
         with rpc_errors("eth_getCode"):
@@ -267,7 +350,8 @@ class ChainClient:
     def fulfilled(self, intent_hash: str) -> bytes:
         """The claimant the portal recorded for ``intent_hash``; 32 zero bytes if none."""
         with rpc_errors("Portal.fulfilled"):
-            return bytes(self.portal.functions.fulfilled(bytes.fromhex(intent_hash[2:])).call())
+            data = _FULFILLED + abi_encode(["bytes32"], [bytes.fromhex(intent_hash[2:])]).hex()
+            return bytes(abi_decode(["bytes32"], self.call(self.portal.address, data))[0])
 
     def is_funded(self, intent_hash: str) -> bool:
         """Whether the portal (on a source chain) holds the intent's reward."""
@@ -275,11 +359,20 @@ class ChainClient:
             return bool(self.portal.functions.isIntentFunded(bytes.fromhex(intent_hash[2:])).call())
 
     def fees(self) -> dict[str, int]:
-        """EIP-1559 fees for a transaction now: twice the base fee plus the tip."""
-        with rpc_errors("fee data"):
-            base_fee = int(self.w3.eth.get_block("latest").get("baseFeePerGas") or 0)
-            tip = int(self.w3.eth.max_priority_fee)
-        return {"maxPriorityFeePerGas": tip, "maxFeePerGas": 2 * base_fee + tip}
+        """EIP-1559 fees for a transaction now: twice the base fee plus the tip.
+
+        The latest block is read every time; the node's suggested tip is asked again only
+        when that block is not the one of the previous answer (same number and hash), so
+        fees are never those of an older block."""
+        head = self.head()
+        cached = self._fees
+        if cached is not None and cached[0] == head["number"] and cached[1] == head["hash"]:
+            return dict(cached[2])
+        with rpc_errors("eth_maxPriorityFeePerGas"):
+            tip = int(self.request("eth_maxPriorityFeePerGas", []), 16)
+        fees = {"maxPriorityFeePerGas": tip, "maxFeePerGas": 2 * head["base_fee"] + tip}
+        self._fees = (head["number"], head["hash"], fees)
+        return dict(fees)
 
     def receipt(self, tx_hash: str) -> TxReceipt | None:
         """The receipt of ``tx_hash`` if it is in a block of the canonical chain."""
@@ -293,33 +386,29 @@ class ChainClient:
         view, or a reorg) counts as not mined.
         """
         with rpc_errors("eth_getTransactionReceipt"):
-            try:
-                receipt = self.w3.eth.get_transaction_receipt(tx_hash)  # type: ignore[arg-type]
-            except TransactionNotFound:
-                return None
+            found = self.request("eth_getTransactionReceipt", [tx_hash])
+        receipt = None if not found else _receipt(found)
         if receipt is None or receipt.get("blockNumber") is None:
             return None
-        with rpc_errors("eth_getBlockByNumber"):
-            head = self.w3.eth.get_block("latest")
+        head = self.head()
         number = int(receipt["blockNumber"])
-        if number > int(head["number"]):
+        if number > head["number"]:
             return None
-        if number == int(head["number"]):
-            canonical = bytes(head["hash"]) == bytes(receipt["blockHash"])
+        if number == head["number"]:
+            canonical = head["hash"] == _hex(receipt["blockHash"])
         else:
             canonical = self.is_canonical(receipt)
-        return (receipt, int(head["number"])) if canonical else None
+        return (receipt, head["number"]) if canonical else None
 
     def is_canonical(self, receipt: TxReceipt) -> bool:
         """Whether the receipt's block is the canonical block at its height."""
-        with rpc_errors("eth_getBlockByNumber"):
-            try:
-                block = self.w3.eth.get_block(receipt["blockNumber"])
-            except Web3RPCError as error:
-                if "not found" in str(error).lower():
-                    return False
-                raise
-        return bytes(block["hash"]) == bytes(receipt["blockHash"])
+        try:
+            block = self.header(int(receipt["blockNumber"]))
+        except TransientError as error:
+            if "not found" in str(error).lower():
+                return False
+            raise
+        return block["hash"] == _hex(receipt["blockHash"])
 
     def is_known(self, tx_hash: str) -> bool:
         """Whether the node knows ``tx_hash`` (in its pool or in a block)."""
@@ -356,6 +445,60 @@ class ChainClient:
     def send_raw(self, raw: bytes) -> str:
         """Broadcast signed bytes; node errors come out raw (the sender classifies)."""
         return str(self.w3.eth.send_raw_transaction(raw).to_0x_hex())
+
+
+#: Receipt fields read as numbers, and as bytes; the rest (logs) stays as the node sent it.
+_RECEIPT_NUMBERS: Final = (
+    "blockNumber", "status", "gasUsed", "cumulativeGasUsed", "effectiveGasPrice",
+    "transactionIndex", "type",
+)  # fmt: skip
+_RECEIPT_BYTES: Final = ("blockHash", "transactionHash")
+
+
+def _receipt(raw: dict[str, Any]) -> TxReceipt:
+    """A receipt from its JSON: the numbers and hashes the solver reads converted as web3
+    converts them, without formatting every log (most of the CPU of web3's version)."""
+    receipt = dict(raw)
+    for key in _RECEIPT_NUMBERS:
+        if receipt.get(key) is not None:
+            receipt[key] = int(receipt[key], 16)
+    for key in _RECEIPT_BYTES:
+        if receipt.get(key) is not None:
+            receipt[key] = HexBytes(receipt[key])
+    return cast(TxReceipt, AttributeDict(receipt))
+
+
+def _hex(value: Any) -> str:
+    """Lower-case 0x hex of bytes (or of a hex string)."""
+    if isinstance(value, bytes | bytearray):
+        return "0x" + bytes(value).hex()
+    return str(value).lower()
+
+
+#: Environment variables ``requests`` would read on every request of a session that
+#: trusts the environment.
+_CA_BUNDLE_ENV: Final = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
+
+
+def rpc_session(url: str) -> requests.Session:
+    """An HTTP session for ``url`` that reads the environment once, here.
+
+    A session trusting the environment looks up proxies (``HTTPS_PROXY``, ``NO_PROXY``,
+    ...), the CA bundle and ``.netrc`` again on every request, which costs more CPU than
+    the JSON-RPC call itself. The same settings, resolved now, are set on the session,
+    so a proxy or CA bundle from the environment is still used; a change to them takes
+    effect with the next client (``clear_clients()``, or a new process).
+    """
+    session = requests.Session()
+    session.trust_env = False
+    session.proxies.update(requests.utils.get_environ_proxies(url))
+    bundle = next((os.environ[name] for name in _CA_BUNDLE_ENV if os.environ.get(name)), None)
+    if bundle:
+        session.verify = bundle
+    auth = requests.utils.get_netrc_auth(url)
+    if auth:
+        session.auth = auth
+    return session
 
 
 _clients: dict[ChainConfig, ChainClient] = {}

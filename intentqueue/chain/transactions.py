@@ -130,17 +130,25 @@ class TransactionSender:
     # --- public ---------------------------------------------------------------------
 
     def settle(
-        self, intent: Intent, purpose: str, subject: str = "", *, since: datetime | None = None
+        self,
+        intent: Intent,
+        purpose: str,
+        subject: str = "",
+        *,
+        since: datetime | None = None,
+        rows: list[ChainTransaction] | None = None,
     ) -> Settlement | None:
         """The state of the transaction of (intent, purpose, subject); ``None`` if there
         is none. May broadcast again, or replace a stuck transaction.
 
         A transaction that reverted stays the answer (it is not sent again) unless it was
         signed before ``since``: an execution started afresh (an operator's retry) may
-        try again.
+        try again. ``rows``: the intent's transactions as ``rows_of()`` loaded them in
+        this run (saves the query; the state of the chosen one is settled afresh).
         """
-        row = self._live(intent, purpose, subject).first()
-        reverted = self._reverted(intent, purpose, subject, since)
+        if rows is None:
+            rows = self.rows_of(intent, purpose, subject)
+        row, reverted = self._pick(rows, purpose, subject, since)
         if reverted is not None and (row is None or reverted.nonce > row.nonce):
             return Settlement(
                 TxState.REVERTED, reverted, reverted.block_number, reverted.confirmations
@@ -148,6 +156,42 @@ class TransactionSender:
         if row is None:
             return None
         return self._settle_nonce(row)
+
+    def rows_of(
+        self, intent: Intent, purpose: str | None = None, subject: str | None = None
+    ) -> list[ChainTransaction]:
+        """This signer's transactions of ``intent`` on this chain that ``settle()`` may
+        pick (live ones, and reverted ones), newest nonce first; of one purpose and
+        subject if given. One query."""
+        query = ChainTransaction.objects.filter(
+            intent=intent, chain_id=self.chain_id, signer=self.signer
+        ).filter(Q(status__in=LIVE) | Q(status=Status.FAILED, block_number__isnull=False))
+        if purpose is not None:
+            query = query.filter(purpose=purpose)
+        if subject is not None:
+            query = query.filter(subject=subject)
+        return list(query.order_by("-nonce", "-id"))
+
+    @staticmethod
+    def _pick(
+        rows: list[ChainTransaction], purpose: str, subject: str, since: datetime | None
+    ) -> tuple[ChainTransaction | None, ChainTransaction | None]:
+        """(the live row, the reverted row) of (purpose, subject) among ``rows`` (sorted
+        by nonce then id, newest first), the newest of each."""
+        live = reverted = None
+        for row in rows:
+            if row.purpose != purpose or row.subject != subject:
+                continue
+            if live is None and row.status in LIVE:
+                live = row
+            elif (
+                reverted is None
+                and row.status == Status.FAILED
+                and row.block_number is not None
+                and (since is None or row.created_at >= since)
+            ):
+                reverted = row
+        return live, reverted
 
     def submit(
         self,
@@ -157,14 +201,17 @@ class TransactionSender:
         subject: str = "",
         *,
         since: datetime | None = None,
+        rows: list[ChainTransaction] | None = None,
     ) -> Settlement:
         """Make sure the transaction of (intent, purpose, subject) exists exactly once.
 
         Settles the live transaction if there is one; otherwise (or when its nonce was
         taken by another transaction) calls ``build()``, which checks balances and
         estimates gas and may raise, then reserves a nonce, signs, stores and broadcasts.
+        ``rows`` as for ``settle()``. (Whatever they say, the reservation looks for a
+        live transaction again under the signer's lock.)
         """
-        settled = self.settle(intent, purpose, subject, since=since)
+        settled = self.settle(intent, purpose, subject, since=since, rows=rows)
         if settled is not None and settled.state != TxState.DROPPED:
             return settled
         self.repair()
@@ -219,27 +266,18 @@ class TransactionSender:
             signer=self.signer, status__in=LIVE,
         ).order_by("-nonce", "-id")  # fmt: skip
 
-    def _reverted(
-        self, intent: Intent, purpose: str, subject: str, since: datetime | None
-    ) -> ChainTransaction | None:
-        query = ChainTransaction.objects.filter(
-            intent=intent, purpose=purpose, subject=subject, chain_id=self.chain_id,
-            signer=self.signer, status=Status.FAILED, block_number__isnull=False,
-        )  # fmt: skip
-        if since is not None:
-            query = query.filter(created_at__gte=since)
-        return query.order_by("-nonce", "-id").first()
-
     def _counter(self) -> SignerNonce:
         """The signer's nonce row, created on first use, locked (call inside atomic)."""
+        locked = SignerNonce.objects.select_for_update()
+        counter = locked.filter(chain_id=self.chain_id, address=self.signer).first()
+        if counter is not None:
+            return counter
         try:
             with transaction.atomic():
-                SignerNonce.objects.get_or_create(chain_id=self.chain_id, address=self.signer)
+                SignerNonce.objects.create(chain_id=self.chain_id, address=self.signer)
         except IntegrityError:  # another process created it first
             pass
-        return SignerNonce.objects.select_for_update().get(
-            chain_id=self.chain_id, address=self.signer
-        )
+        return locked.get(chain_id=self.chain_id, address=self.signer)
 
     def _reserve(
         self,
@@ -249,17 +287,25 @@ class TransactionSender:
         request: TxRequest,
         fees: dict[str, int],
     ) -> tuple[ChainTransaction, bool]:
+        # The chain's count is read before the lock, so that other signings do not wait
+        # for this round trip. A count read early can only be lower than one read under
+        # the lock, and every nonce we reserved since is below ``next_nonce``, so
+        # ``max(next_nonce, pending)`` is the same. Only the reset case below trusts
+        # the count over ``next_nonce``: it reads the count again under the lock.
+        pending = self.client.nonce(self.signer, "pending")
         with transaction.atomic():
             counter = self._counter()
             existing = self._live(intent, purpose, subject).first()
             if existing is not None:  # a concurrent run of the same job got here first
                 return existing, False
-            pending = self.client.nonce(self.signer, "pending")
             nonce = max(counter.next_nonce, pending)
             if counter.next_nonce > pending and not self._in_flight_from(pending):
-                # Ahead of the chain with nothing of ours in flight: the chain was reset
-                # (a dev chain restarted); the chain's count is the truth.
-                nonce = pending
+                pending = self.client.nonce(self.signer, "pending")
+                nonce = max(counter.next_nonce, pending)
+                if counter.next_nonce > pending and not self._in_flight_from(pending):
+                    # Ahead of the chain with nothing of ours in flight: the chain was
+                    # reset (a dev chain restarted); the chain's count is the truth.
+                    nonce = pending
             row = self._sign_and_store(
                 intent_id=intent.pk, purpose=purpose, subject=subject, nonce=nonce, attempt=0,
                 request=request, fees=fees,
