@@ -4,18 +4,30 @@ reads the environment once."""
 
 from __future__ import annotations
 
+import base64
+import json
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
+import requests
 from django.conf import settings
 from django.test import override_settings
 from eth_account import Account
 
-from intentqueue.chain.client import ChainClient, get_client, rpc_session
+from intentqueue.chain.client import (
+    ChainClient,
+    JsonRpcTransport,
+    classify,
+    get_client,
+    rpc_session,
+)
 from intentqueue.chain.config import parse_chain
 from intentqueue.chain.wallets import get_wallet
-from intentqueue.exceptions import PermanentError
+from intentqueue.exceptions import NetworkError, PermanentError, TransientError
 from intentqueue.hashing import reward_hash, route_tuple
 from intentqueue.processors.execution import Execution, _checksummed_route
 from tests.chainkit import (
@@ -25,6 +37,7 @@ from tests.chainkit import (
     RpcRelay,
     Solver,
     anvil,
+    free_port,
     fund_solver,
     make_intent_parts,
     mint,
@@ -141,3 +154,85 @@ def test_receipts_read_as_web3_reads_them(
         assert receipt[key] == expected[key], key
     assert head >= receipt["blockNumber"]
     assert client.receipt("0x" + "12" * 32) is None
+
+
+# --- the lean JSON-RPC transport -------------------------------------------------------
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    """A JSON-RPC endpoint that answers every POST with ``status`` and records what came."""
+
+    status = 200
+    seen: list[dict[str, Any]]
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = json.loads(self.rfile.read(length))
+        self.seen.append({"body": body, "authorization": self.headers.get("Authorization")})
+        answer = json.dumps({"jsonrpc": "2.0", "id": body["id"], "result": "0x2a"}).encode()
+        self.send_response(self.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def endpoint() -> Iterator[tuple[str, type[_Recorder]]]:
+    handler = type("Handler", (_Recorder,), {"seen": [], "status": 200})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_transport_answers_what_the_provider_answers(client: ChainClient) -> None:
+    assert client._transport is not None  # a local URL: no proxy, so the lean path
+    provider = client.w3.provider
+    calls: list[tuple[str, list[Any]]] = [
+        ("eth_blockNumber", []),
+        ("eth_getBalance", [MARK, "latest"]),
+        ("eth_getBlockByNumber", ["0x0", False]),
+        ("eth_noSuchMethod", []),
+    ]
+    for method, params in calls:
+        ours = client._transport.call(method, params)
+        theirs = provider.make_request(method, params)  # type: ignore[arg-type]
+        assert ours.get("result") == theirs.get("result")
+        assert bool(ours.get("error")) == bool(theirs.get("error"))
+
+
+def test_the_transport_sends_url_credentials_and_retries_error_statuses(
+    endpoint: tuple[str, type[_Recorder]],
+) -> None:
+    url, handler = endpoint
+    transport = JsonRpcTransport(url.replace("http://", "http://user:p%40ss@"), timeout=5)
+    assert transport.call("eth_chainId", [])["result"] == "0x2a"
+    expected = "Basic " + base64.b64encode(b"user:p@ss").decode()
+    assert handler.seen[-1]["authorization"] == expected
+    handler.status = 502
+    with pytest.raises(requests.HTTPError, match="502"):
+        transport.call("eth_chainId", [])
+    assert len(handler.seen) == 1 + 1 + JsonRpcTransport.RETRIES
+    assert isinstance(classify(requests.HTTPError("502 Bad Gateway")), TransientError)
+
+
+def test_an_unreachable_rpc_is_a_network_error() -> None:
+    transport = JsonRpcTransport(f"http://127.0.0.1:{free_port()}", timeout=2)
+    with pytest.raises(requests.ConnectionError) as raised:
+        transport.call("eth_blockNumber", [])
+    assert isinstance(classify(raised.value), NetworkError)
+
+
+def test_a_proxy_from_the_environment_keeps_the_provider(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    assert JsonRpcTransport.for_url("https://rpc.example/v2/key", 5) is None
+    assert JsonRpcTransport.for_url("http://127.0.0.1:8545", 5) is not None
