@@ -269,3 +269,25 @@ def test_a_stuck_transaction_is_replaced_with_a_fee_bump(
             assert w3.eth.get_balance(to_checksum_address(MARK)) == 3
             assert w3.eth.get_transaction_count(solver.address) == 1
             assert Account  # the solver key signed both; only one was mined
+
+
+def test_submit_repairs_abandoned_nonces_at_most_every_few_seconds(
+    sender: TransactionSender,
+) -> None:
+    from intentqueue.chain import transactions
+
+    transactions._last_repair.clear()
+    poor = TxRequest(to=MARK, gas=21_000, value=10**30)
+    first = intent()
+    with pytest.raises(InsufficientBalanceError):
+        sender.submit(first, "fulfill", lambda: poor)  # a repair pass ran here (nothing)
+    Intent.objects.filter(pk=first.pk).update(status=IntentStatus.FAILED)
+    ChainTransaction.objects.update(updated_at=timezone.now() - timedelta(minutes=1))
+    # Abandoned now, but a pass ran less than ABANDONED_AFTER ago: not filled yet.
+    with pytest.raises(InsufficientBalanceError):
+        sender.submit(intent(), "fulfill", lambda: poor)
+    assert ("fill", 0, "sent") not in rows()
+    transactions._last_repair.clear()  # as if ABANDONED_AFTER had passed
+    with pytest.raises(InsufficientBalanceError):
+        sender.submit(intent(), "fulfill", lambda: poor)
+    assert ("fill", 0, "sent") in rows()

@@ -454,7 +454,7 @@ class ChainClient:
 
     def send_raw(self, raw: bytes) -> str:
         """Broadcast signed bytes; node errors come out raw (the sender classifies)."""
-        return str(self.w3.eth.send_raw_transaction(raw).to_0x_hex())
+        return str(self.request("eth_sendRawTransaction", ["0x" + raw.hex()]))
 
 
 #: Receipt fields read as numbers, and as bytes; the rest (logs) stays as the node sent it.

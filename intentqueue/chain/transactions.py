@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -112,6 +113,10 @@ class TxRequest:
     data: str = "0x"
     value: int = 0
     fees: dict[str, int] | None = None
+
+
+#: When each (chain, signer) was last repaired in this process (``time.monotonic()``).
+_last_repair: dict[tuple[int, str], float] = {}
 
 
 class TransactionSender:
@@ -214,13 +219,24 @@ class TransactionSender:
         settled = self.settle(intent, purpose, subject, since=since, rows=rows)
         if settled is not None and settled.state != TxState.DROPPED:
             return settled
-        self.repair()
+        self._repair_if_due()
         request = build()
         fees = request.fees or self.client.fees()
         row, created = self._reserve(intent, purpose, subject, request, fees)
         if created:
             self._broadcast(row)
         return self._settle_nonce(row)
+
+    def _repair_if_due(self) -> None:
+        """``repair()``, at most once per ``ABANDONED_AFTER`` per signer and process: a
+        nonce counts as abandoned only after that long anyway, and the query (a join over
+        the signer's transactions) was a tenth of a submit's database time."""
+        key = (self.chain_id, self.signer)
+        now = time.monotonic()
+        if now - _last_repair.get(key, -math.inf) < ABANDONED_AFTER.total_seconds():
+            return
+        _last_repair[key] = now
+        self.repair()
 
     def repair(self) -> int:
         """Fill the nonces of transactions nobody will settle any more.
