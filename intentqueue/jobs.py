@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 from redis import Redis
 from rq import get_current_job
 from rq.exceptions import DeserializationError
-from rq.job import Job
+from rq.job import Job, Retry
 
-from intentqueue.exceptions import BadJobDataError, PermanentError
-from intentqueue.processors.base import handle_job_failure, shown
+from intentqueue.exceptions import BadJobDataError, PermanentError, RecheckLater
+from intentqueue.processors.base import handle_job_failure, recheck_later, shown
 from intentqueue.tracing import META_KEY
 
 if TYPE_CHECKING:
@@ -55,14 +55,22 @@ def _processor(stage_key: str) -> type[Processor]:
     return cls
 
 
-def run_fulfillment(data: Any) -> dict[str, Any]:
+def run_fulfillment(data: Any) -> dict[str, Any] | Retry:
     """Validate an intent (FulfillmentJob)."""
-    return _processor("fulfillment")(get_current_job()).process(data)
+    return _run("fulfillment", data)
 
 
-def run_execution(data: Any) -> dict[str, Any]:
+def run_execution(data: Any) -> dict[str, Any] | Retry:
     """Execute a validated intent on its destination chain (ExecutionJob)."""
-    return _processor("execution")(get_current_job()).process(data)
+    return _run("execution", data)
+
+
+def _run(stage_key: str, data: Any) -> dict[str, Any] | Retry:
+    job = get_current_job()
+    try:
+        return _processor(stage_key)(job).process(data)
+    except RecheckLater as wait:
+        return recheck_later(job, wait)
 
 
 def on_job_failure(

@@ -47,7 +47,7 @@ from rq.utils import get_version, utcformat
 from rq.worker import SimpleWorker
 
 from intentqueue.conf import intentqueue_settings
-from intentqueue.exceptions import BadJobDataError, RecheckLater, UnknownQueueError
+from intentqueue.exceptions import BadJobDataError, UnknownQueueError
 from intentqueue.jobs import IntentJob
 from intentqueue.logcontext import log_context
 from intentqueue.metrics import fingerprint, record_job_end
@@ -155,14 +155,6 @@ class IntentWorker(SimpleWorker):
     def get_heartbeat_ttl(self, job: Job) -> int:
         """A running job's hold lasts ``lock_duration``; the heartbeat thread renews it."""
         return self.lock_seconds
-
-    def handle_exception(self, job: Job, *exc_info: Any) -> None:
-        """RQ's logging and exception handlers, except for ``RecheckLater``: a job waiting
-        on confirmations is not an error and would log a traceback every second."""
-        if isinstance(exc_info[1], RecheckLater):
-            self.log.debug("job %s: %s", job.id, exc_info[1])
-            return
-        super().handle_exception(job, *exc_info)
 
     def handle_warm_shutdown_request(self) -> None:
         """Remember the request even if RQ's ``StopRequested`` lands inside a guarded block

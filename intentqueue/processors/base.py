@@ -17,7 +17,7 @@ from typing import Any
 
 from django.utils import timezone
 from rq.exceptions import AbandonedJobError
-from rq.job import Job
+from rq.job import Job, Retry
 
 from intentqueue.conf import intentqueue_settings
 from intentqueue.exceptions import (
@@ -190,13 +190,20 @@ def _insert_retry_delay(job: Job, seconds: int = 0) -> None:
     job.retry_intervals = intervals
 
 
-def _schedule_recheck(job: Job, error: RecheckLater) -> None:
-    """Run the job again later without using an attempt (no error is recorded)."""
-    job.retries_left = (job.retries_left or 0) + 1
-    _insert_retry_delay(job, error.delay_seconds)
-    job.meta["rechecks"] = int(job.meta.get("rechecks", 0)) + 1
-    job.save_meta()
-    logger.debug("job %s: %s; checking again in %ss", job.id, error, error.delay_seconds)
+#: A job waiting on the outside world may be re-run this often (its processor bounds the
+#: wait: a transaction's ``pending_timeout``, a breaker's cool-down).
+RECHECK_LIMIT = 10**9
+
+
+def recheck_later(job: Job | None, wait: RecheckLater) -> Retry:
+    """What a job function returns to run again in ``wait.delay_seconds`` without using
+    an attempt: RQ's own "returned a Retry" path, so nothing failed (no traceback, no
+    failure handling, no error on the intent; the run counts as a recheck)."""
+    if job is not None:
+        job.meta["rechecks"] = int(job.meta.get("rechecks", 0)) + 1  # saved with the retry
+        job.outcome = "recheck"  # type: ignore[attr-defined]  # read by the worker's metrics
+        logger.debug("job %s: %s; checking again in %ss", job.id, wait, wait.delay_seconds)
+    return Retry(max=RECHECK_LIMIT, interval=wait.delay_seconds)
 
 
 def handle_job_failure(job: Job, error: BaseException) -> None:
@@ -208,10 +215,6 @@ def handle_job_failure(job: Job, error: BaseException) -> None:
     - a network error is retried at once, other errors with the stage's backoff;
     - on the last attempt the intent becomes FAILED with the error.
     """
-    if isinstance(error, RecheckLater):
-        _schedule_recheck(job, error)
-        job.outcome = "recheck"  # type: ignore[attr-defined]  # read by the worker's metrics
-        return
     context = context_of(job)  # before the retry bookkeeping below changes the attempt
     stalled = isinstance(error, AbandonedJobError)
     if stalled:
