@@ -56,7 +56,7 @@ def anvil_available() -> bool:
     return ANVIL.exists() and shutil.which(str(ANVIL)) is not None
 
 
-def _rpc_answers(url: str) -> bool:
+def rpc_answers(url: str) -> bool:
     body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []})
     request = urllib.request.Request(
         url, data=body.encode(), headers={"Content-Type": "application/json"}
@@ -131,7 +131,7 @@ def start_anvil(chain_id: int, funder: LocalAccount, *, log: Path | None = None)
         output.close()
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
-    while not _rpc_answers(url):
+    while not rpc_answers(url):
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
             raise RuntimeError(f"anvil did not start on port {port}")

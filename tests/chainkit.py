@@ -25,7 +25,6 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -35,6 +34,17 @@ from eth_utils import keccak, to_bytes, to_checksum_address
 from web3 import Web3
 from web3.contract import Contract
 
+from intentqueue.anvil import (  # the chain constants and helpers the bench uses too
+    ANVIL,
+    ANVIL_FUNDER_KEY,
+    DESTINATION_ID,
+    PROVER,
+    RECIPIENT,
+    SOURCE_ID,
+    TOKEN_UNIT,
+    free_port,
+    rpc_answers,
+)
 from intentqueue.chain import client as chain_client
 from intentqueue.chain import config as chain_config
 from intentqueue.chain import wallets
@@ -50,15 +60,6 @@ from intentqueue.hashing import intent_hash, reward_tuple, route_tuple
 from intentqueue.models import Intent
 from intentqueue.status import IntentStatus
 from tests.factories import transfer_data
-
-ROOT = Path(__file__).resolve().parent.parent
-ANVIL = ROOT / "node_modules" / ".bin" / "anvil"
-#: anvil's first prefunded account (its well-known test mnemonic).
-ANVIL_FUNDER_KEY = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80"
-SOURCE_ID, DESTINATION_ID = 31337, 31338
-RECIPIENT = "0x000000000000000000000000000000000000bEEF"
-PROVER = "0x0000000000000000000000000000000000000c0D"
-TOKEN_UNIT = 10**18
 
 
 @dataclass
@@ -148,24 +149,6 @@ def dev_chains() -> Iterator[ChainPair]:
             server.stop()
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _rpc_answers(url: str) -> bool:
-    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []})
-    request = urllib.request.Request(
-        url, data=body.encode(), headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=1) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 @contextlib.contextmanager
 def anvil(chain_id: int, *extra: str) -> Iterator[str]:
     """An anvil process on a free port; its RPC URL."""
@@ -177,7 +160,7 @@ def anvil(chain_id: int, *extra: str) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 20
-        while not _rpc_answers(url):
+        while not rpc_answers(url):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"anvil did not start on port {port}")
             time.sleep(0.05)
