@@ -1,5 +1,6 @@
 # intentqueue: `make run` starts everything, `make test` runs lint and the whole suite,
-# `make bench` the benchmarks (all scenarios, or BENCH_ARGS="execution --intents 300").
+# `make bench` the benchmarks (all scenarios, or BENCH_ARGS="execution --intents 300"),
+# `make chaos` the chaos run.
 # The interpreter: $(PYTHON) if given, else python3.13 or python3.12 on PATH, else pyenv's.
 
 SHELL := /bin/bash
@@ -16,7 +17,7 @@ STAMP := $(VENV)/.installed
 # PostgreSQL for the second run of the suite; skipped when it does not answer.
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/postgres
 
-.PHONY: install run test test-sqlite test-postgres lint format bench clean
+.PHONY: install run test test-sqlite test-postgres lint format bench chaos clean
 
 install: $(STAMP)
 
@@ -57,6 +58,11 @@ test-postgres: install
 # Scratch database and Redis db of their own; the execution scenario needs `npm ci` (anvil).
 bench: install
 	DEBUG=$${DEBUG:-1} $(BIN)/python manage.py intentqueue_bench $(BENCH_ARGS)
+
+# The chaos run (needs `npm ci`: anvil); CHAOS_ARGS="--intents 300 --kill-every 1" etc.
+CHAOS_ARGS ?= --intents 1000 --kill-every 2
+chaos: install
+	DEBUG=$${DEBUG:-1} $(BIN)/python manage.py intentqueue_chaos $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -493,7 +493,7 @@ class Bench:
 
     def execution(
         self,
-        count: int = 300,
+        count: int = 1000,
         workers: int = 5,
         *,
         confirmations: int = 2,

@@ -28,7 +28,7 @@ class Command(BaseCommand):
         )  # fmt: skip
         parser.add_argument(
             "--intents", type=int, default=None,
-            help="Intents per scenario (defaults: pipeline 2,000, execution 300, admin "
+            help="Intents per scenario (defaults: pipeline 2,000, execution 1,000, admin "
             "1,000,000, ...).",
         )  # fmt: skip
         parser.add_argument(
