@@ -52,6 +52,16 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def stop_process(process: subprocess.Popen[Any], timeout: float = 10) -> None:
+    """SIGTERM ``process``, and SIGKILL it if it is still there after ``timeout`` s."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def anvil_available() -> bool:
     return ANVIL.exists() and shutil.which(str(ANVIL)) is not None
 
@@ -98,12 +108,7 @@ class AnvilChain:
         return {"rpc_url": self.url, "portal": self.portal.address}
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
 
     def rpc_calls(self) -> Counter[str]:
         """RPC calls served so far, by method (from the log; empty without one)."""

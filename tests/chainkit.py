@@ -44,6 +44,7 @@ from intentqueue.anvil import (  # the chain constants and helpers the bench use
     TOKEN_UNIT,
     free_port,
     rpc_answers,
+    stop_process,
 )
 from intentqueue.chain import client as chain_client
 from intentqueue.chain import config as chain_config
@@ -166,12 +167,7 @@ def anvil(chain_id: int, *extra: str) -> Iterator[str]:
             time.sleep(0.05)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 def require_anvil() -> None:

@@ -53,6 +53,7 @@ from django_rq import views as django_rq_views
 from django_rq.settings import get_queues_map
 from eth_account import Account
 
+from intentqueue.anvil import stop_process
 from intentqueue.chain import wallets
 from intentqueue.checks import check_rq_admin_link
 from intentqueue.dlq import DeadLetterIndex
@@ -418,12 +419,7 @@ def locked_redis() -> Iterator[LockedRedis]:
         yield server
     finally:
         client.close()
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 def _answers(client: redis.Redis) -> bool:
