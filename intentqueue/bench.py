@@ -30,6 +30,7 @@ import json
 import math
 import os
 import pstats
+import signal
 import statistics
 import subprocess
 import sys
@@ -347,8 +348,10 @@ class Bench:
             commands = self.commands_processed() - commands
             self.stop_workers()
             stages = _stage_latencies()
+            round_trips = self._round_trips_per_job(min(200, count))
         ours = total / elapsed
         baseline = self._baseline(total, workers)
+        baseline_round_trips = self._baseline_round_trips(min(200, count))
         result.add("intents", total)
         result.add("workers per stage", workers)
         result.add("intents/s", ours, "goal >= 250/s")
@@ -356,10 +359,38 @@ class Bench:
         result.add("fulfillment p99 ms", percentile(stages["fulfillment"], 0.99))
         result.add("execution p50 ms", percentile(stages["execution"], 0.5))
         result.add("execution p99 ms", percentile(stages["execution"], 0.99))
-        result.add("Redis commands per job", commands / (2 * total))
+        result.add("Redis commands per job (server-wide)", commands / (2 * total))
+        result.add("Redis round trips per job: fulfillment", round_trips["intent-fulfillment"])
+        result.add("Redis round trips per job: execution", round_trips["blockchain-execution"])
+        result.add("Redis round trips per job: bare RQ", baseline_round_trips)
         result.add("baseline intents/s (bare RQ)", baseline)
         result.add("ratio to baseline", ours / baseline, "goal >= 0.8")
         return result
+
+    def _round_trips_per_job(self, count: int) -> dict[str, float]:
+        """Redis round trips per job of each stage, counted where they are sent: ``count``
+        intents through both stages by a worker in this process per stage (as
+        ``rqworker`` runs one, stopped after ``count`` jobs), every request written to a
+        Redis socket counted, divided by the jobs run."""
+        from intentqueue.services import submit_intents
+
+        self.reset()
+        for size in [min(500, count - start) for start in range(0, count, 500)]:
+            submit_intents(_payloads(size))
+        sent = _RoundTrips()
+        per_job: dict[str, float] = {}
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            with sent.counting():
+                for queue in ("intent-fulfillment", "blockchain-execution"):
+                    before = sent.count
+                    worker = _InProcessWorker([queue], connection=self.redis)
+                    worker.work(max_jobs=count, logging_level="WARNING")
+                    per_job[queue] = round((sent.count - before) / count, 1)
+        finally:
+            for sig, handler in handlers.items():  # the worker installed its own
+                signal.signal(sig, handler)
+        return per_job
 
     def _baseline(self, count: int, workers: int) -> float:
         """Bare RQ: ``count`` no-op jobs that each enqueue a no-op job on a second queue,
@@ -401,6 +432,32 @@ class Bench:
         self.stop_workers()
         self.redis.flushdb()
         return count / elapsed
+
+    def _baseline_round_trips(self, count: int) -> float:
+        """Redis round trips per job of the bare-RQ baseline, counted like ours (an RQ
+        ``SimpleWorker`` in this process per queue, stopped after ``count`` jobs)."""
+        from rq import Queue
+        from rq.serializers import JSONSerializer
+        from rq.worker import SimpleWorker
+
+        self.redis.flushdb()
+        first = Queue("bench-a", connection=self.redis, serializer=JSONSerializer)
+        first.enqueue_many(
+            [Queue.prepare_data(noop_first, args=("bench-b",), result_ttl=60)
+             for _ in range(count)]
+        )  # fmt: skip
+        sent = _RoundTrips()
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            with sent.counting():
+                for queue in ("bench-a", "bench-b"):
+                    worker = SimpleWorker([queue], connection=self.redis, serializer=JSONSerializer)
+                    worker.work(max_jobs=count, logging_level="WARNING")
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+        self.redis.flushdb()
+        return round(sent.count / (2 * count), 1)
 
     def latency(self, count: int = 200) -> Result:
         """Idle latency from commit to job start, one idle worker."""
@@ -1064,18 +1121,52 @@ def _nonce_gaps(chains: AnvilChains) -> int:
     return len(set(range(sent)) - set(used)) + sum(n - 1 for n in used.values() if n > 1)
 
 
-#: What a worker's profile is summed up by: label -> (file path suffix, function name).
-PROFILE_PARTS = {
-    "job (execute_job)": ("intentqueue/worker.py", "execute_job"),
-    "processor (handle)": ("intentqueue/processors/execution.py", "handle"),
-    "dequeue (pause checks, BLMOVE)": ("intentqueue/worker.py", "dequeue_job_and_maintain_ttl"),
-    "RPC requests": ("requests/sessions.py", "send"),
-    "Redis round trips": ("redis/connection.py", "send_packed_command"),
-    "Redis replies": ("redis/connection.py", "read_response"),
-    "DB statements": ("django/db/backends/utils.py", "_execute"),
-    "DB commits": ("django/db/backends/base/base.py", "commit"),
-    "signing": ("eth_account/account.py", "sign_transaction"),
-    "ABI encoding": ("web3/contract/base_contract.py", "encode_abi"),
+class _InProcessWorker(IntentWorker):
+    """``IntentWorker`` run inside the bench's process to count its round trips: without
+    the scheduler, which would be forked from a threaded process (nothing is delayed)."""
+
+    def _start_scheduler(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+class _RoundTrips:
+    """Counts requests written to Redis sockets by this process (a pipeline is one)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    @contextmanager
+    def counting(self) -> Iterator[None]:
+        original = redis.connection.AbstractConnection.send_packed_command
+
+        def send_packed_command(connection: Any, command: Any, check_health: bool = True) -> None:
+            self.count += 1
+            original(connection, command, check_health)
+
+        redis.connection.AbstractConnection.send_packed_command = send_packed_command  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            redis.connection.AbstractConnection.send_packed_command = original  # type: ignore[method-assign]
+
+
+#: What a worker's profile is summed up by: label -> the (file path suffix, function
+#: name) pairs whose calls and time add up to it.
+PROFILE_PARTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "job (execute_job)": (("intentqueue/worker.py", "execute_job"),),
+    "processor (handle)": (("intentqueue/processors/execution.py", "handle"),),
+    "dequeue (pause checks, BLMOVE)": (("intentqueue/worker.py", "dequeue_job_and_maintain_ttl"),),
+    # The lean transport's calls, and those still made through web3's requests session.
+    "RPC requests": (
+        ("intentqueue/chain/client.py", "request"),
+        ("requests/sessions.py", "send"),
+    ),
+    "Redis round trips": (("redis/connection.py", "send_packed_command"),),
+    "Redis replies": (("redis/connection.py", "read_response"),),
+    "DB statements": (("django/db/backends/utils.py", "_execute"),),
+    "DB commits": (("django/db/backends/base/base.py", "commit"),),
+    "signing": (("eth_account/account.py", "sign_transaction"),),
+    "ABI encoding": (("web3/contract/base_contract.py", "encode_abi"),),
 }
 
 
@@ -1086,10 +1177,10 @@ def profile_summary(path: Path, runs: dict[str, Any], top: int = 25) -> dict[str
     stats: Any = pstats.Stats(str(path))
     intents = max(1, int(runs["successful"]))
     parts: dict[str, Any] = {}
-    for label, (suffix, name) in PROFILE_PARTS.items():
+    for label, places in PROFILE_PARTS.items():
         calls, seconds = 0, 0.0
         for (filename, _line, function), (_cc, nc, _tt, ct, _callers) in stats.stats.items():
-            if function == name and filename.endswith(suffix):
+            if any(function == name and filename.endswith(suffix) for suffix, name in places):
                 calls += nc
                 seconds += ct
         parts[label] = {

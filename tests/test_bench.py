@@ -80,3 +80,23 @@ def test_execution_scenario(redis_url: str, tmp_path: Path) -> None:
         assert "django" in profile["cpu_ms_per_intent_by_package"] or not profile["runs"]
     assert data["blocking"]["runs_per_intent"] == 1
     assert (tmp_path / "execution-recheck-worker.prof").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_pipeline_scenario(redis_url: str, tmp_path: Path) -> None:
+    bench = Bench(redis_url=redis_url, out=io.StringIO())
+    try:
+        result = bench.pipeline(count=20)
+    finally:
+        bench.stop_workers()
+    table = result.table()
+    data = _written(result, tmp_path)
+    assert "goal >= 250/s" in table and "goal >= 0.8" in table
+    assert data["intents"] == 20 and data["intents/s"] > 0
+    assert data["baseline intents/s (bare RQ)"] > 0
+    for stage in ("fulfillment", "execution", "bare RQ"):
+        # A job costs RQ a handful of round trips at least; a counter that saw nothing (or
+        # counted every command of a pipeline) would be far outside this range.
+        assert 5 < data[f"Redis round trips per job: {stage}"] < 60, (stage, data)
+    assert data["fulfillment p50 ms"] <= data["fulfillment p99 ms"]
