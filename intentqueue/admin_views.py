@@ -679,49 +679,38 @@ class QueueConsoleMixin(_Base):
             raise Http404(f"not a chain id: {chain_id[:40]}")
         service = self._service()
         target = stage("execution")
-        if action == "open":
+        chain = {"chain": chain_id}
+        opening = action == "open"
+        change = service.open_breaker if opening else service.close_breaker
 
-            def run_open(actor: str, reason: str) -> str:
-                service.open_breaker(chain_id, actor=actor, reason=reason)
-                return _("Opened the circuit of chain %(chain)s.") % {"chain": chain_id}
+        def run(actor: str, reason: str) -> str:
+            change(chain_id, actor=actor, reason=reason)
+            if opening:
+                return _("Opened the circuit of chain %(chain)s.") % chain
+            return _("Closed the circuit of chain %(chain)s.") % chain
 
-            operation = Operation(
-                title=_("Open the circuit of chain %(chain)s") % {"chain": chain_id},
-                summary=[
-                    _(
-                        "Execution jobs for chain %(chain)s are held (no attempt is used) "
-                        "until the circuit is closed by hand; other chains keep running."
-                    )
-                    % {"chain": chain_id}
-                ],
-                touches=0,
-                permission=PERM_PAUSE,
-                reason_required=False,
-                run=run_open,
-                danger=True,
-                button=_("Open the circuit"),
+        if opening:
+            title = _("Open the circuit of chain %(chain)s") % chain
+            summary = _(
+                "Execution jobs for chain %(chain)s are held (no attempt is used) "
+                "until the circuit is closed by hand; other chains keep running."
             )
         else:
-
-            def run_close(actor: str, reason: str) -> str:
-                service.close_breaker(chain_id, actor=actor, reason=reason)
-                return _("Closed the circuit of chain %(chain)s.") % {"chain": chain_id}
-
-            operation = Operation(
-                title=_("Close the circuit of chain %(chain)s") % {"chain": chain_id},
-                summary=[
-                    _(
-                        "Execution jobs for chain %(chain)s run again and its failure count "
-                        "starts from zero."
-                    )
-                    % {"chain": chain_id}
-                ],
-                touches=0,
-                permission=PERM_PAUSE,
-                reason_required=False,
-                run=run_close,
-                button=_("Close the circuit"),
+            title = _("Close the circuit of chain %(chain)s") % chain
+            summary = _(
+                "Execution jobs for chain %(chain)s run again and its failure count "
+                "starts from zero."
             )
+        operation = Operation(
+            title=title,
+            summary=[summary % chain],
+            touches=0,
+            permission=PERM_PAUSE,
+            reason_required=False,
+            run=run,
+            danger=opening,
+            button=_("Open the circuit") if opening else _("Close the circuit"),
+        )
         return self._confirm(request, target, operation, back=reverse("admin:intentqueue_queues"))
 
     # --- dead-letter queue --------------------------------------------------------------------

@@ -858,6 +858,28 @@ SCENARIOS = {
 }  # fmt: skip
 
 
+def results_dir(option: str | None) -> Path:
+    """Where a command writes its JSON: ``option``, else ``var/bench`` (created)."""
+    output = Path(option or Path(settings.VAR_DIR) / "bench")
+    output.mkdir(parents=True, exist_ok=True)
+    return output
+
+
+@contextmanager
+def scratch_database(name: str) -> Iterator[None]:
+    """A scratch copy of the configured database for a bench or chaos run, created here
+    and dropped after; on SQLite the file ``var/<name>.sqlite3``, so that the worker
+    processes share it."""
+    if connection.vendor == "sqlite":
+        test = settings.DATABASES["default"].setdefault("TEST", {})
+        test["NAME"] = str(Path(settings.VAR_DIR) / f"{name}.sqlite3")
+    old_name = connection.creation.create_test_db(verbosity=0, autoclobber=True)
+    try:
+        yield
+    finally:
+        connection.creation.destroy_test_db(old_name, verbosity=0)
+
+
 def write_result(result: Result, output: Path) -> Path:
     """Write ``result``'s figures to ``output/<scenario>.json``; returns the file."""
     output.mkdir(parents=True, exist_ok=True)

@@ -57,8 +57,11 @@ from intentqueue.chain.devchain import (
     dev_accounts,
     fund_account,
 )
+from intentqueue.exceptions import RecheckLater
 from intentqueue.hashing import intent_hash, reward_tuple, route_tuple
 from intentqueue.models import Intent
+from intentqueue.processors.base import JobData
+from intentqueue.processors.execution import BlockchainProcessor
 from intentqueue.status import IntentStatus
 from tests.factories import transfer_data
 
@@ -421,3 +424,16 @@ class RpcRelay:
         self.release.set()
         self.server.shutdown()
         self.server.server_close()
+
+
+def execute(intent: Intent, wallet_type: str | None = None, timeout: float = 20) -> dict[str, Any]:
+    """Run the execution job of ``intent`` in this process until it stops asking to be
+    re-run."""
+    data = JobData(intent.pk, intent.hash, intent.strategy, wallet_type).to_json()
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return BlockchainProcessor(None).process(data)
+        except RecheckLater:
+            assert time.monotonic() < deadline, "still waiting"
+            time.sleep(0.2)

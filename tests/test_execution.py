@@ -22,13 +22,10 @@ from intentqueue.chain.models import ChainTransaction
 from intentqueue.chain.wallets import WalletNotConfigured
 from intentqueue.exceptions import (
     InsufficientBalanceError,
-    RecheckLater,
     TransactionFailedError,
 )
 from intentqueue.hashing import reward_hash, route_tuple
 from intentqueue.models import Intent, IntentTransition
-from intentqueue.processors.base import JobData
-from intentqueue.processors.execution import BlockchainProcessor
 from intentqueue.queues import job_id_for
 from intentqueue.services import QueueService, submit_intent
 from intentqueue.status import IntentStatus as S
@@ -38,6 +35,7 @@ from tests.chainkit import (
     ChainPair,
     RpcRelay,
     Solver,
+    execute,
     free_port,
     fund_solver,
     make_intent_parts,
@@ -62,18 +60,6 @@ def chains_configured(pair: ChainPair, **destination: Any) -> Iterator[None]:
     conf = {**settings.INTENTQUEUE, "chains": pair.settings(**destination), "strategies": NATIVE}
     with override_settings(INTENTQUEUE=conf):
         yield
-
-
-def execute(intent: Intent, wallet_type: str | None = None, timeout: float = 20) -> dict[str, Any]:
-    """Run the execution job in this process until it stops asking to be re-run."""
-    data = JobData(intent.pk, intent.hash, intent.strategy, wallet_type).to_json()
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return BlockchainProcessor(None).process(data)
-        except RecheckLater:
-            assert time.monotonic() < deadline, "still waiting"
-            time.sleep(0.2)
 
 
 def status_of(intent: Intent) -> str:

@@ -40,6 +40,7 @@ from tests.chainkit import (
     ChainPair,
     RpcRelay,
     Solver,
+    execute,
     fund_solver,
     make_intent_parts,
     mint,
@@ -56,18 +57,6 @@ def breakers(**options: Any) -> Iterator[None]:
     conf = {**settings.INTENTQUEUE, "breakers": options}
     with override_settings(INTENTQUEUE=conf):
         yield
-
-
-def execute(intent: Any, timeout: float = 20) -> dict[str, Any]:
-    """Run the execution job in this process until it stops asking to be re-run."""
-    data = JobData(intent.pk, intent.hash, intent.strategy, None).to_json()
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return BlockchainProcessor(None).process(data)
-        except RecheckLater:
-            assert time.monotonic() < deadline, "still waiting"
-            time.sleep(0.2)
 
 
 # --- the breaker on its own ------------------------------------------------------------

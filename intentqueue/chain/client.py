@@ -490,6 +490,11 @@ def _hex(value: Any) -> str:
 _CA_BUNDLE_ENV: Final = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
 
 
+def _ca_bundle() -> str | None:
+    """The CA bundle the environment names for requests (as requests reads it), if any."""
+    return next((os.environ[name] for name in _CA_BUNDLE_ENV if os.environ.get(name)), None)
+
+
 class JsonRpcTransport:
     """JSON-RPC over a kept-alive urllib3 pool, for ``ChainClient.request``.
 
@@ -523,8 +528,7 @@ class JsonRpcTransport:
         ``.netrc`` credentials (web3's session handles those)."""
         if requests.utils.get_environ_proxies(url) or requests.utils.get_netrc_auth(url):
             return None
-        bundle = next((os.environ[name] for name in _CA_BUNDLE_ENV if os.environ.get(name)), None)
-        return cls(url, timeout, bundle)
+        return cls(url, timeout, _ca_bundle())
 
     def call(self, method: str, params: list[Any]) -> dict[str, Any]:
         """The decoded JSON-RPC response (``result`` or ``error``) of one call."""
@@ -562,7 +566,7 @@ def rpc_session(url: str) -> requests.Session:
     session = requests.Session()
     session.trust_env = False
     session.proxies.update(requests.utils.get_environ_proxies(url))
-    bundle = next((os.environ[name] for name in _CA_BUNDLE_ENV if os.environ.get(name)), None)
+    bundle = _ca_bundle()
     if bundle:
         session.verify = bundle
     auth = requests.utils.get_netrc_auth(url)

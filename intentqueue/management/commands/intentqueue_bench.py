@@ -10,12 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import connection
 
 from intentqueue.anvil import anvil_available
-from intentqueue.bench import SCENARIOS, Bench, write_result
+from intentqueue.bench import SCENARIOS, Bench, results_dir, scratch_database, write_result
 
 
 class Command(BaseCommand):
@@ -58,21 +56,17 @@ class Command(BaseCommand):
                 raise CommandError("execution needs anvil in node_modules/.bin (run `npm ci`)")
             self.stderr.write("skipping execution: anvil is not installed (run `npm ci`)")
             names.remove("execution")
-        output = Path(options["output"] or Path(settings.VAR_DIR) / "bench")
-        output.mkdir(parents=True, exist_ok=True)
-        if connection.vendor == "sqlite":  # a file, so worker processes share it
-            test = settings.DATABASES["default"].setdefault("TEST", {})
-            test["NAME"] = str(Path(settings.VAR_DIR) / "bench.sqlite3")
-        old_name = connection.creation.create_test_db(verbosity=0, autoclobber=True)
-        bench = Bench(redis_db=options["redis_db"], out=self.stderr)
-        try:
-            for name in names:
-                result = getattr(bench, SCENARIOS[name])(**_scenario_options(name, options, output))
-                self.stdout.write(result.table())
-                write_result(result, output)
-        finally:
-            bench.reset()
-            connection.creation.destroy_test_db(old_name, verbosity=0)
+        output = results_dir(options["output"])
+        with scratch_database("bench"):
+            bench = Bench(redis_db=options["redis_db"], out=self.stderr)
+            try:
+                for name in names:
+                    kwargs = _scenario_options(name, options, output)
+                    result = getattr(bench, SCENARIOS[name])(**kwargs)
+                    self.stdout.write(result.table())
+                    write_result(result, output)
+            finally:
+                bench.reset()
         self.stdout.write(f"results in {output}")
 
 

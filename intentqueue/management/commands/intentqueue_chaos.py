@@ -7,14 +7,11 @@ own Redis server and chains. Exits non-zero when an intent is lost or fulfilled 
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
-from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import connection
 
+from intentqueue.bench import results_dir, scratch_database, write_result
 from intentqueue.chaos import ChaosRun, anvil_available
 
 
@@ -52,13 +49,8 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         if not anvil_available():
             raise CommandError("anvil is not installed in node_modules/.bin (run `npm ci`)")
-        output = Path(options["output"] or Path(settings.VAR_DIR) / "bench")
-        output.mkdir(parents=True, exist_ok=True)
-        if connection.vendor == "sqlite":  # a file, so worker processes share it
-            test = settings.DATABASES["default"].setdefault("TEST", {})
-            test["NAME"] = str(Path(settings.VAR_DIR) / "chaos.sqlite3")
-        old_name = connection.creation.create_test_db(verbosity=0, autoclobber=True)
-        try:
+        output = results_dir(options["output"])
+        with scratch_database("chaos"):
             run = ChaosRun(
                 intents=options["intents"],
                 kill_every=options["kill_every"],
@@ -73,12 +65,9 @@ class Command(BaseCommand):
                 confirmations=options["confirmations"],
             )
             report = run.run()
-        finally:
-            connection.creation.destroy_test_db(old_name, verbosity=0)
         result = report.result()
         self.stdout.write(result.table())
-        (output / "chaos.json").write_text(json.dumps(result.data, indent=2, default=str))
-        self.stdout.write(f"results in {output / 'chaos.json'}")
+        self.stdout.write(f"results in {write_result(result, output)}")
         if not report.ok:
             raise CommandError(
                 f"{report.lost} intents lost, {len(report.duplicates)} fulfilled twice"
